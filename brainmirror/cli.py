@@ -1,0 +1,243 @@
+"""Command line: ``python -m brainmirror <command>`` (or the ``brainmirror`` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "brainmirror"
+SYNTHETIC_NOTE = "SYNTHETIC: virtual healthy cohort built from MNI152 2009a sym (nilearn)"
+
+log = logging.getLogger("brainmirror")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int, what: str) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, metavar="DIR",
+                        help=f"folder of {what} (NIfTI files and/or DICOM series, searched recursively; "
+                             "flat, BIDS-like or IXI layouts). Files named *seg*/*mask*/*label* are ignored.")
+    source.add_argument("--synthetic", type=int, metavar="N", default=None,
+                        help=f"use N studies of the seeded virtual healthy cohort instead (default when --data "
+                             f"is not given: {synthetic_default}). SYNTHETIC data.")
+    parser.add_argument("--work", type=Path, default=Path("work"),
+                        help="folder for the preprocessing cache and resumable checkpoints (default: ./work)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _sources(args: argparse.Namespace, stream: str, synthetic_default: int, anatomies: tuple[str, ...]):
+    from .training import folder_sources, synthetic_sources
+
+    if args.data is not None:
+        if not args.data.exists():
+            raise SystemExit(f"error: --data {args.data} does not exist")
+        return list(folder_sources(args.data)), f"site data: {args.data}"
+    count = args.synthetic if args.synthetic is not None else synthetic_default
+    return list(synthetic_sources(stream, count, anatomies)), (
+        f"SYNTHETIC: {count} studies of the virtual healthy cohort ({', '.join(anatomies)} anatomy, "
+        f"stream '{stream}'), T1/T2/FLAIR/PD-like contrasts")
+
+
+def _training_config(args: argparse.Namespace):
+    from .training import TrainingConfig
+
+    return TrainingConfig(unet_steps=args.unet_steps, vae_steps=args.vae_steps, batch_size=args.batch_size,
+                          seed=args.seed, latent=args.latent, beta=args.beta)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int, vae_steps: int) -> None:
+    parser.add_argument("--output", type=Path, required=True, help="model bundle folder to write")
+    parser.add_argument("--unet-steps", type=int, default=unet_steps, help=f"U-Net optimisation steps (default {unet_steps})")
+    parser.add_argument("--vae-steps", type=int, default=vae_steps, help=f"Beta-VAE optimisation steps (default {vae_steps})")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per U-Net step (default 16; the VAE uses twice this)")
+    parser.add_argument("--latent", type=int, default=1024, help="Beta-VAE latent size (default 1024)")
+    parser.add_argument("--beta", type=float, default=4.0, help="Beta-VAE KL weight, > 1 (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same weights on CPU")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    sources, description = _sources(args, "train", 48, ("mni",))
+    train(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet)
+    print(f"model written to {args.output}; calibrate it next: python -m brainmirror calibrate --model {args.output}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .detector import Detector
+    from .training import train
+
+    base = Detector.load(args.model)
+    sources, description = _sources(args, "train", 16, ("mni",))
+    train(sources, args.output, args.work / "finetune", _training_config(args),
+          f"fine-tuned from {base.version} on {description}", base=base, progress=not args.quiet)
+    print(f"fine-tuned model written to {args.output}; calibrate it next: "
+          f"python -m brainmirror calibrate --model {args.output} --data <held-out normal studies>")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .detector import Detector
+    from .training import calibrate, prepare
+
+    detector = Detector.load(args.model)
+    sources, description = _sources(args, "calibration", 24, ("mni", "colin"))
+    studies = prepare(sources, args.work / "cache", progress=not args.quiet)
+    result = calibrate(detector, studies, args.study_fpr, args.voxel_fpr, description, progress=not args.quiet)
+    detector.save(args.model)
+    for name, c in result["study"].items():
+        print(f"{name:9s} threshold {c['threshold']:8.3f}  FPR {c['fpr']:.1%} (observed {c['observed_fpr']:.1%} on {c['n_studies']} studies)")
+    v = result["voxel"]
+    print(f"voxel     threshold {v['threshold']:8.3f}  FPR {v['fpr']:.1%} (observed {v['observed_fpr']:.2%} of {v['n_voxels']} voxels)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    from .data import iter_studies
+    from .detector import Detector
+    from .preprocess import PreprocessingError, canonicalise
+
+    detector = Detector.load(args.model)
+    studies = list(iter_studies(args.input)) if args.input.exists() else []
+    if not studies:
+        print(f"not assessed: no NIfTI volume or DICOM series found in {args.input}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for name, image in studies:
+        try:
+            result = detector.assess(canonicalise(image), args.configuration)
+        except PreprocessingError as error:
+            print(f"{name}: not assessed: {error}", file=sys.stderr)
+            status = 2
+            continue
+        stem = name.replace("/", "_")
+        nib.save(nib.Nifti1Image(result.anomaly_map, image.affine), args.output / f"{stem}_anomaly.nii.gz")
+        nib.save(nib.Nifti1Image(result.segmentation, image.affine), args.output / f"{stem}_segmentation.nii.gz")
+        summary = {
+            "study": name, "verdict": result.verdict, "study_score": result.study_score,
+            "threshold": result.threshold, "false_positive_rate": result.false_positive_rate,
+            "configuration": result.configuration, "brain_extraction": result.brain_extraction,
+            "slice_scores": [None if not np.isfinite(s) else float(s) for s in result.slice_scores],
+            "findings": [vars(f) for f in result.findings], "model_version": result.model_version,
+        }
+        (args.output / f"{stem}_result.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
+        print(f"{name}: {result.verdict.upper()} (score {result.study_score:.2f}, threshold {result.threshold:.2f} "
+              f"at {result.false_positive_rate:.0%} FPR, {len(result.findings)} findings)")
+    return status
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .detector import Detector
+    from .evaluate import evaluate, folder_cases, synthetic_cases
+    from .lesions import LESION_KINDS
+
+    detector = Detector.load(args.model)
+    if args.quick:
+        args.validation, args.healthy, args.per_kind = 6, 4, 1
+    kinds = tuple(args.kinds.split(",")) if args.kinds else LESION_KINDS
+    unknown = set(kinds) - set(LESION_KINDS)
+    if unknown:
+        raise SystemExit(f"error: unknown lesion kinds {sorted(unknown)}; choose from {', '.join(LESION_KINDS)}")
+    if args.validation_data:
+        validation = folder_cases(args.validation_data, None)
+    else:
+        validation = synthetic_cases("calibration", args.validation, 0, ())
+    if args.data:
+        test = folder_cases(args.data, args.healthy_data)
+        description = f"Real cohort: {args.data}" + (f" + healthy {args.healthy_data}" if args.healthy_data else "")
+    else:
+        test = synthetic_cases("evaluation", args.healthy, args.per_kind, kinds)
+        description = (f"SYNTHETIC lesion suite: {args.healthy} healthy + {args.per_kind} x {len(kinds)} lesion kinds, "
+                       "virtual cohort from MNI152 and Colin27 anatomy; not real patients.")
+    out = Path(args.reports) / args.name
+    metrics = evaluate(detector, validation, test, out, description, args.study_fpr, args.voxel_fpr, progress=not args.quiet)
+    print((out / "summary.md").read_text())
+    print(f"report written to {out}")
+    return 0 if metrics else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brainmirror",
+        description="Unsupervised anomaly detection for brain MRI, trained on healthy scans only "
+                    "(symmetry-informed masked reconstruction, Beta-VAE embedding, Mahalanobis scoring). "
+                    "Research use only: NOT FOR CLINICAL USE.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model bundle on healthy studies",
+                       description="Train the U-Net and the Beta-VAE on healthy studies only, fit the healthy "
+                                   "statistics on a held-out quarter of them, and write a model bundle. "
+                                   "Resumable: rerun the same command to continue from the last checkpoint.")
+    _add_data_arguments(p, 48, "healthy studies")
+    _add_training_arguments(p, 2000, 1500)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="adapt a trained bundle to a site's normal studies",
+                       description="Continue training a model bundle on a site's own normal studies, refit the "
+                                   "healthy statistics, and write a new bundle (calibrate it afterwards).")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bundle to start from (default: the shipped model)")
+    _add_data_arguments(p, 16, "the site's normal studies")
+    _add_training_arguments(p, 500, 300)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("calibrate", help="set thresholds on held-out healthy studies",
+                       description="Score held-out healthy studies and store the study threshold at --study-fpr "
+                                   "and the voxel threshold at --voxel-fpr in the bundle. Never uses lesions.")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bundle to calibrate, updated in place")
+    _add_data_arguments(p, 24, "held-out healthy studies (not the training ones)")
+    p.add_argument("--study-fpr", type=float, default=0.05, help="study-level false-positive rate (default 0.05)")
+    p.add_argument("--voxel-fpr", type=float, default=0.01, help="voxel-level false-positive rate (default 0.01)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("run", help="assess NIfTI volumes or DICOM series (no DICOM output)",
+                       description="Assess every NIfTI volume / DICOM series under INPUT; write the anomaly map, "
+                                   "the segmentation (NIfTI, input geometry) and a JSON result per study. "
+                                   "Exit code 0 assessed, 2 something not assessed.")
+    p.add_argument("input", type=Path, help="a NIfTI file or a folder")
+    p.add_argument("--output", type=Path, default=Path("output"), help="output folder (default ./output)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model bundle (default: the shipped model)")
+    p.add_argument("--configuration", default="combined", choices=["mse", "symmetry", "vae", "combined"],
+                   help="scoring configuration (default combined)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", help="measure detection on the synthetic lesion suite or a real cohort",
+                       description="Calibrate thresholds on healthy validation studies (never lesions), score a test "
+                                   "set with every configuration and baseline, and write reports/NAME/ (metrics.json, "
+                                   "summary.md, ROC/PR, Dice-by-size and gallery plots). Default: the seeded synthetic "
+                                   "suite (about 25 min on 2 CPU cores); --quick: a few minutes.")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model bundle (default: the shipped model)")
+    p.add_argument("--name", default="synthetic", help="report name: reports/NAME (default synthetic)")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default ./reports)")
+    p.add_argument("--quick", action="store_true", help="small run for CI: 6 validation, 4 healthy, 1 per lesion kind")
+    p.add_argument("--validation", type=int, default=24, help="synthetic healthy validation studies for thresholds (default 24)")
+    p.add_argument("--healthy", type=int, default=20, help="synthetic healthy test studies (default 20)")
+    p.add_argument("--per-kind", type=int, default=5, help="synthetic lesion studies per lesion kind (default 5)")
+    p.add_argument("--kinds", default=None, help="comma-separated lesion kinds (default: all)")
+    p.add_argument("--data", type=Path, default=None, help="real test cohort: NIfTI images with masks beside them (BraTS-like *_seg)")
+    p.add_argument("--healthy-data", type=Path, default=None, help="real healthy test studies (IXI-like folder)")
+    p.add_argument("--validation-data", type=Path, default=None, help="real healthy validation studies for thresholds")
+    p.add_argument("--study-fpr", type=float, default=0.05, help="study-level healthy FPR for the threshold (default 0.05)")
+    p.add_argument("--voxel-fpr", type=float, default=0.01, help="voxel-level healthy FPR for the threshold (default 0.01)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

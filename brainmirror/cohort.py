@@ -1,0 +1,209 @@
+"""A seeded virtual cohort of head MR volumes built from real anatomy that ships offline.
+
+SYNTHETIC DATA. Two anatomies are available without any download:
+
+- ``mni``: the symmetric MNI152 2009a T1 template and its GM/WM maps (nilearn; brain only),
+- ``colin``: the Colin27 T1 with skull (Debian ``mricron-data``), tissue classes from a
+  Gaussian mixture on its brain intensities.
+
+Each subject is one anatomy under a random smooth (diffeomorphic) warp, a contrast remap driven
+by the tissue maps (T1-, T2-, FLAIR- or PD-like), optionally a synthetic lesion
+(``brainmirror.lesions``), a bias field, a random pose, a random acquisition grid (voxel size
+and slice thickness) and Rician noise. Random streams are separated by purpose so that the
+training, calibration and evaluation cohorts never share a seed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from .preprocess import resample
+
+COLIN_T1 = Path("/usr/share/mricron/templates/ch2.nii.gz")
+COLIN_BRAIN = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+CONTRASTS = ("t1", "t2", "flair", "pd")
+STREAMS = {"train": 1, "calibration": 2, "evaluation": 3, "demo": 4, "test": 5}
+# Mean tissue intensities (CSF, GM, WM) per contrast, relative units.
+TISSUE_MEANS = {
+    "t1": (0.25, 0.60, 0.85),
+    "t2": (1.00, 0.60, 0.42),
+    "flair": (0.12, 0.70, 0.52),
+    "pd": (0.85, 0.78, 0.62),
+}
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """A healthy head on a 1 mm RAS grid."""
+
+    name: str
+    t1: np.ndarray  # float32, brain tissue ~[0, 1], head (skull, scalp) where present
+    tissue: np.ndarray  # float32 (3, X, Y, Z): CSF, GM, WM probabilities
+    affine: np.ndarray
+
+
+@dataclass
+class Subject:
+    """One virtual study: the acquired volume, and the lesion truth on the same grid."""
+
+    image: nib.Nifti1Image
+    contrast: str
+    anatomy: str
+    lesion_mask: np.ndarray | None = None  # bool, native grid of ``image``
+    lesion_kind: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def available_anatomies() -> list[str]:
+    return ["mni"] + (["colin"] if COLIN_T1.exists() else [])
+
+
+@functools.lru_cache(maxsize=2)
+def load_anatomy(name: str) -> Anatomy:
+    if name == "mni":
+        data = resources.files("nilearn.datasets") / "data"
+        t1_image = nib.load(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+        load = lambda kind: nib.load(  # noqa: E731
+            str(data / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")
+        ).get_fdata(dtype=np.float32) / 255.0
+        t1 = t1_image.get_fdata(dtype=np.float32)
+        gm, wm = load("gm"), load("wm")
+        csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * (t1 > 0)
+        return Anatomy(name, t1 / np.percentile(t1[t1 > 0], 99), np.stack([csf, gm, wm]), t1_image.affine)
+    if name == "colin":
+        if not COLIN_T1.exists():
+            raise FileNotFoundError(f"{COLIN_T1} is missing: install Debian's mricron-data")
+        head = nib.load(str(COLIN_T1))
+        t1 = head.get_fdata(dtype=np.float32)
+        brain = nib.load(str(COLIN_BRAIN)).get_fdata(dtype=np.float32) > 0
+        return Anatomy(name, t1 / np.percentile(t1[brain], 99), _tissue_from_t1(t1, brain), head.affine)
+    raise ValueError(f"unknown anatomy {name!r}; choose from {available_anatomies()}")
+
+
+def _tissue_from_t1(t1: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """CSF/GM/WM posteriors of a 3-class Gaussian mixture on T1 brain intensities."""
+    from sklearn.mixture import GaussianMixture
+
+    values = t1[brain].reshape(-1, 1)
+    gmm = GaussianMixture(3, random_state=0).fit(values[:: max(1, len(values) // 200_000)])
+    order = np.argsort(gmm.means_.ravel())  # dark -> bright = CSF, GM, WM in T1
+    posteriors = gmm.predict_proba(values)[:, order]
+    tissue = np.zeros((3,) + t1.shape, np.float32)
+    for k in range(3):
+        tissue[k][brain] = posteriors[:, k]
+    return tissue
+
+
+def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, control: int, scale: float) -> np.ndarray:
+    """A smooth random field: Gaussian noise on a coarse grid, cubic-upsampled."""
+    coarse = rng.normal(0.0, scale, size=(control,) * len(shape))
+    middle = ndimage.zoom(coarse, [max(2, s // 4) / control for s in shape], order=3)
+    fine = ndimage.zoom(middle, [s / m for s, m in zip(shape, middle.shape)], order=1)
+    return fine[tuple(slice(0, s) for s in shape)]
+
+
+def _random_warp(shape: tuple[int, int, int], rng: np.random.Generator, amplitude_mm: float) -> np.ndarray:
+    """Coordinates of a smooth random displacement plus a global scaling, about the centre."""
+    grid = np.indices(shape, dtype=np.float32)
+    centre = (np.array(shape, dtype=np.float32) - 1) / 2
+    scale = rng.uniform(0.92, 1.08, size=3).astype(np.float32)
+    coords = np.empty_like(grid)
+    for axis in range(3):
+        displacement = _smooth_field(shape, rng, control=6, scale=amplitude_mm)
+        coords[axis] = (grid[axis] - centre[axis]) / scale[axis] + centre[axis] + displacement
+    return coords
+
+
+def _warp(volume: np.ndarray, coords: np.ndarray, order: int = 1) -> np.ndarray:
+    return ndimage.map_coordinates(volume, coords, order=order, mode="constant", cval=0.0).astype(np.float32)
+
+
+def _contrast_remap(anatomy: Anatomy, t1: np.ndarray, tissue: np.ndarray, contrast: str, rng: np.random.Generator) -> np.ndarray:
+    """Tissue-driven intensities with the T1 texture carried over, jittered per subject."""
+    brain = tissue.sum(0) > 0.05
+    t1_means = np.array(TISSUE_MEANS["t1"])
+    means = np.array(TISSUE_MEANS[contrast]) * rng.uniform(0.9, 1.1, size=3)
+    t1_fit = np.tensordot(t1_means, tissue, axes=1)
+    texture = (t1 - t1_fit) * (means[2] - means[1]) / (t1_means[2] - t1_means[1])
+    image = np.tensordot(means, tissue, axes=1) + np.where(brain, texture, 0.0)
+    head = ~brain & (t1 > 0.05)  # skull and scalp where the anatomy has them
+    image[head] = t1[head] * rng.uniform(0.3, 1.0) if contrast != "t1" else t1[head]
+    return np.clip(image, 0.0, None).astype(np.float32)
+
+
+def make_subject(
+    anatomy: str,
+    rng: np.random.Generator,
+    contrast: str | None = None,
+    lesion_kind: str | None = None,
+    acquisition: str = "random",
+) -> Subject:
+    """One virtual study. ``acquisition``: "random" (pose, grid, noise vary) or "clean" (1 mm, axial)."""
+    base = load_anatomy(anatomy)
+    contrast = contrast or str(rng.choice(CONTRASTS))
+    coords = _random_warp(base.t1.shape, rng, amplitude_mm=rng.uniform(1.5, 4.0))
+    t1 = _warp(base.t1, coords)
+    tissue = np.stack([_warp(t, coords) for t in base.tissue])
+    image = _contrast_remap(base, t1, tissue, contrast, rng)
+    meta: dict = {"anatomy": anatomy, "contrast": contrast, "synthetic": True}
+    lesion = None
+    if lesion_kind is not None:
+        from .lesions import insert_lesion
+
+        inserted = insert_lesion(image, tissue, contrast, lesion_kind, rng)
+        image, lesion = inserted.image, inserted.mask
+        meta.update(lesion_volume_ml=inserted.volume_ml, lesion_diameter_mm=inserted.max_diameter_mm,
+                    lesion_components=inserted.n_components)
+    bias = np.exp(_smooth_field(image.shape, rng, control=4, scale=rng.uniform(0.05, 0.2)))
+    image = image * bias.astype(np.float32)
+
+    if acquisition == "clean":
+        voxel = np.array([1.0, 1.0, 1.0])
+        rotation = np.eye(3)
+        shift = np.zeros(3)
+        noise = 0.01
+    else:
+        voxel = rng.choice([np.array([1.0, 1.0, 1.0]), np.array([1.0, 1.0, 2.0]),
+                            np.array([0.9, 0.9, 3.0]), np.array([1.2, 1.2, 1.2])])
+        rotation = Rotation.from_euler("xyz", rng.uniform(-10, 10, size=3), degrees=True).as_matrix()
+        shift = rng.uniform(-10, 10, size=3)
+        noise = rng.uniform(0.005, 0.04)
+    meta.update(voxel_mm=voxel.tolist(), noise=float(noise))
+    # acquisition grid: rotated about the head centre, covering the same field of view
+    extent = np.array(base.t1.shape) * np.abs(np.diag(base.affine)[:3])
+    shape = np.ceil(extent / voxel).astype(int)
+    centre = base.affine[:3, :3] @ ((np.array(base.t1.shape) - 1) / 2) + base.affine[:3, 3]
+    out_affine = np.eye(4)
+    out_affine[:3, :3] = rotation @ np.diag(voxel)
+    out_affine[:3, 3] = centre + shift - out_affine[:3, :3] @ ((shape - 1) / 2)
+    out_to_in = np.linalg.inv(base.affine) @ out_affine
+    if voxel[2] > 1.5:  # thick slices average along the slice axis before sampling
+        image = ndimage.uniform_filter1d(image, size=int(round(voxel[2])), axis=2)
+    acquired = resample(image, out_to_in, tuple(shape), order=1)
+    sigma = noise * np.percentile(acquired[acquired > 0], 95)
+    acquired = np.sqrt((acquired + rng.normal(0, sigma, acquired.shape)) ** 2 + rng.normal(0, sigma, acquired.shape) ** 2)
+    scale = rng.uniform(200, 2000)  # arbitrary scanner units
+    native_lesion = None
+    if lesion is not None:
+        native_lesion = resample(lesion.astype(np.float32), out_to_in, tuple(shape), order=1) > 0.5
+    return Subject(
+        image=nib.Nifti1Image((acquired * scale).astype(np.float32), out_affine),
+        contrast=contrast,
+        anatomy=anatomy,
+        lesion_mask=native_lesion,
+        lesion_kind=lesion_kind,
+        meta=meta,
+    )
+
+
+def subject_rng(stream: str, index: int) -> np.random.Generator:
+    """The random generator of subject ``index`` in a named stream (train, calibration, ...)."""
+    return np.random.default_rng([STREAMS[stream], index])

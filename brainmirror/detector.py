@@ -1,0 +1,269 @@
+"""The detector: slicer, reconstruction, difference maps, embedding and scoring stages.
+
+Scoring (every configuration is a per-slice statistic, standardised per canonical slice
+position against healthy statistics, then aggregated to the study):
+
+- ``mse``: mean squared residual of the mirror-informed reconstruction inside the brain,
+- ``symmetry``: mean squared left-right difference ``|x - mirror(x)|`` inside the brain,
+- ``vae``: Mahalanobis distance of the Beta-VAE embedding of the difference maps to the
+  healthy embeddings (Ledoit-Wolf shrinkage covariance),
+- ``combined``: the mean of the standardised ``vae`` score and of the top-2 % mean of the
+  voxel anomaly map.
+
+Study score: the mean of the three highest slice scores (robust to one noisy slice, still
+sensitive to a lesion a few slices thick). Voxel anomaly map: the geometric mean of the
+mirror-informed and the context-only reconstruction residuals, smoothed, standardised voxel
+by voxel against healthy subjects in canonical space. The geometric mean keeps a lesion (both
+residuals high) and suppresses its mirror ghost (the mirror-informed reconstruction of the
+healthy side copies the lesion, but the context-only one does not).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from . import __version__
+from .networks import BetaVAE, Reconstructor, checkerboard
+from .preprocess import SHAPE, Canonical
+from .result import Assessment, Finding
+
+CONFIGURATIONS = ("mse", "symmetry", "vae", "combined")
+TOP_SLICES = 3
+TOP_VOXEL_FRACTION = 0.02
+MIN_BRAIN_FRACTION = 0.03  # slices with less brain than this are not scored
+MIN_FINDING_ML = 0.3
+VOXEL_STD_FLOOR = 0.02
+
+
+@dataclass
+class Slices:
+    """Canonical axial slices that contain brain."""
+
+    image: np.ndarray  # (n, 96, 112) float32
+    mask: np.ndarray  # (n, 96, 112) bool
+    z: np.ndarray  # (n,) canonical slice index
+
+
+@dataclass
+class DifferenceMaps:
+    """Per-slice reconstructions and difference maps."""
+
+    reconstruction: np.ndarray  # mirror-informed reconstruction, (n, 96, 112)
+    residual: np.ndarray  # |x - reconstruction|
+    context_residual: np.ndarray  # |x - context-only reconstruction|
+    symmetry: np.ndarray  # |x - mirror(x)|
+    voxel_score: np.ndarray  # standardised voxel anomaly score (0 outside the brain)
+
+
+def slice_volume(canonical: Canonical) -> Slices:
+    """Axial slices of the canonical volume with at least MIN_BRAIN_FRACTION brain."""
+    fraction = canonical.mask.mean(axis=(0, 1))
+    z = np.flatnonzero(fraction >= MIN_BRAIN_FRACTION)
+    return Slices(
+        image=np.ascontiguousarray(canonical.image[:, :, z].transpose(2, 0, 1)),
+        mask=np.ascontiguousarray(canonical.mask[:, :, z].transpose(2, 0, 1)),
+        z=z,
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Detector:
+    """A trained model bundle: networks, healthy (normative) statistics and calibration."""
+
+    def __init__(self, reconstructor: Reconstructor, vae: BetaVAE, normative: dict[str, np.ndarray],
+                 metadata: dict, device: torch.device | None = None):
+        self.device = device or default_device()
+        self.reconstructor = reconstructor.to(self.device).eval()
+        self.vae = vae.to(self.device).eval()
+        self.normative = normative
+        self.metadata = metadata
+
+    # -- bundle I/O ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle: Path | str, device: torch.device | None = None) -> "Detector":
+        bundle = Path(bundle)
+        if (bundle / "brainmirror").is_dir():  # accept the models/ folder of an app too
+            bundle = bundle / "brainmirror"
+        metadata_path = bundle / "configs" / "metadata.json"
+        if not metadata_path.exists():
+            raise FileNotFoundError(f"no brainmirror model bundle at {bundle} (missing configs/metadata.json)")
+        metadata = json.loads(metadata_path.read_text())
+        network = metadata["network"]
+        reconstructor = Reconstructor(tuple(network["unet_features"]))
+        vae = BetaVAE(latent=network["latent"], channels=tuple(network["vae_channels"]))
+        reconstructor.load_state_dict(torch.load(bundle / "models" / "reconstruction.pt", map_location="cpu"))
+        vae.load_state_dict(torch.load(bundle / "models" / "embedding.pt", map_location="cpu"))
+        with np.load(bundle / "models" / "normative.npz") as data:
+            normative = {k: data[k].astype(np.float32) for k in data.files}
+        return cls(reconstructor, vae, normative, metadata, device)
+
+    def save(self, bundle: Path | str) -> None:
+        bundle = Path(bundle)
+        (bundle / "configs").mkdir(parents=True, exist_ok=True)
+        (bundle / "models").mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in self.reconstructor.state_dict().items()}, bundle / "models" / "reconstruction.pt")
+        torch.save({k: v.cpu() for k, v in self.vae.state_dict().items()}, bundle / "models" / "embedding.pt")
+        np.savez_compressed(bundle / "models" / "normative.npz",
+                            **{k: v.astype(np.float16 if v.ndim == 3 else np.float32) for k, v in self.normative.items()})
+        (bundle / "configs" / "metadata.json").write_text(json.dumps(self.metadata, indent=2) + "\n")
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", __version__))
+
+    # -- stages ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, slices: Slices, batch_size: int = 32) -> DifferenceMaps:
+        """Masked reconstruction in two checkerboard phases, with and without the mirror."""
+        x_all = torch.from_numpy(slices.image[:, None])
+        masks = [torch.from_numpy(checkerboard(phase))[None, None] for phase in (0, 1)]
+        mirrored = torch.zeros_like(x_all)
+        context = torch.zeros_like(x_all)
+        for start in range(0, len(x_all), batch_size):
+            x = x_all[start:start + batch_size].to(self.device)
+            for mask in masks:
+                m = mask.to(self.device).expand(len(x), -1, -1, -1)
+                both = self.reconstructor(torch.cat([x, x]), torch.cat([m, m]),
+                                          torch.tensor([1.0] * len(x) + [0.0] * len(x), device=self.device))
+                mirrored[start:start + len(x)] += (both[: len(x)] * m).cpu()
+                context[start:start + len(x)] += (both[len(x):] * m).cpu()
+        x_np, brain = slices.image, slices.mask
+        recon = mirrored[:, 0].numpy() * brain
+        residual = np.abs(x_np - recon) * brain
+        context_residual = np.abs(x_np - context[:, 0].numpy() * brain) * brain
+        symmetry = np.abs(x_np - x_np[:, ::-1]) * brain
+        return DifferenceMaps(recon, residual, context_residual, symmetry,
+                              self._voxel_score(residual, context_residual, brain, slices.z))
+
+    def _voxel_score(self, residual: np.ndarray, context_residual: np.ndarray, brain: np.ndarray, z: np.ndarray) -> np.ndarray:
+        raw = ndimage.gaussian_filter(np.sqrt(residual * context_residual), sigma=(0, 1, 1))
+        if "voxel_mean" not in self.normative:  # while training, before healthy statistics exist
+            return (raw * brain).astype(np.float32)
+        mean = self.normative["voxel_mean"][:, :, z].transpose(2, 0, 1)
+        std = np.maximum(self.normative["voxel_std"][:, :, z].transpose(2, 0, 1), VOXEL_STD_FLOOR)
+        return (np.clip((raw - mean) / std, -5, 50) * brain).astype(np.float32)
+
+    @staticmethod
+    def vae_input(maps: DifferenceMaps) -> np.ndarray:
+        return np.stack([np.clip(maps.voxel_score, -5, 50) / 10.0, maps.symmetry], axis=1).astype(np.float32)
+
+    @torch.no_grad()
+    def embed(self, maps: DifferenceMaps, batch_size: int = 64) -> np.ndarray:
+        """Posterior means of the Beta-VAE for each slice's difference maps, (n, latent)."""
+        x = torch.from_numpy(self.vae_input(maps))
+        out = [self.vae.encode(x[i:i + batch_size].to(self.device))[0].cpu() for i in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.vae.mu.out_features), np.float32)
+
+    def slice_features(self, slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw (unstandardised) per-slice statistics."""
+        brain = slices.mask
+        count = np.maximum(brain.sum(axis=(1, 2)), 1)
+        delta = embeddings - self.normative["embedding_mean"]
+        mahalanobis = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", delta, self.normative["embedding_precision"], delta), 0))
+        flat = np.where(brain, maps.voxel_score, -np.inf).reshape(len(brain), -1)
+        k = np.maximum((count * TOP_VOXEL_FRACTION).astype(int), 10)
+        top = np.array([np.sort(row)[-kk:].mean() for row, kk in zip(flat, k)]) if len(flat) else np.zeros(0)
+        return {
+            "mse": (maps.residual**2).sum(axis=(1, 2)) / count,
+            "symmetry": (maps.symmetry**2).sum(axis=(1, 2)) / count,
+            "vae": mahalanobis,
+            "top": top,
+        }
+
+    def slice_scores(self, slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """Slice scores of every configuration, standardised per canonical slice position."""
+        features = self.slice_features(slices, maps, embeddings)
+        z = slices.z
+        standard = {name: (value - self.normative[f"{name}_mean"][z]) / self.normative[f"{name}_std"][z]
+                    for name, value in features.items()}
+        standard["combined"] = 0.5 * (standard["vae"] + standard["top"])
+        return {name: standard[name].astype(np.float32) for name in CONFIGURATIONS}
+
+    @staticmethod
+    def study_score(slice_scores: np.ndarray) -> float:
+        if len(slice_scores) == 0:
+            return float("nan")
+        return float(np.sort(slice_scores)[-TOP_SLICES:].mean())
+
+    def calibration(self, configuration: str) -> dict:
+        try:
+            return self.metadata["calibration"]["study"][configuration] | {"voxel": self.metadata["calibration"]["voxel"]}
+        except KeyError as error:
+            raise RuntimeError(f"model bundle is not calibrated for {configuration!r}: run `brainmirror calibrate`") from error
+
+    def score(self, canonical: Canonical, slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray,
+              configuration: str = "combined") -> Assessment:
+        """Verdict, slice scores and voxel maps on the input's native grid."""
+        if configuration not in CONFIGURATIONS:
+            raise ValueError(f"unknown configuration {configuration!r}; choose from {CONFIGURATIONS}")
+        calibration = self.calibration(configuration)
+        scores = self.slice_scores(slices, maps, embeddings)[configuration]
+        study = self.study_score(scores)
+        verdict = "abnormal" if study > calibration["threshold"] else "normal"
+
+        voxel_canonical = np.zeros(SHAPE, np.float32)
+        voxel_canonical[:, :, slices.z] = maps.voxel_score.transpose(1, 2, 0)
+        anomaly_map = canonical.to_native(voxel_canonical, order=1) * canonical.native_mask
+        score_volume = np.full(SHAPE, -1e6, np.float32)
+        score_volume[:, :, slices.z] = scores[None, None, :]
+        native_scores = canonical.to_native(score_volume, order=0)
+        native_scores = np.where(canonical.native_mask & (native_scores > -1e5), native_scores, np.nan)
+        with np.errstate(all="ignore"):
+            slice_scores = np.array([np.nanmax(s) if np.isfinite(s).any() else np.nan for s in native_scores])
+
+        voxel_threshold = calibration["voxel"]["threshold"]
+        segmentation = np.zeros(canonical.native_shape, np.uint8)
+        findings: list[Finding] = []
+        if verdict == "abnormal":
+            segmentation, findings = self.findings(canonical, anomaly_map, voxel_threshold)
+        return Assessment(
+            verdict=verdict, study_score=study, threshold=float(calibration["threshold"]),
+            false_positive_rate=float(calibration["fpr"]), voxel_threshold=float(voxel_threshold),
+            voxel_false_positive_rate=float(calibration["voxel"]["fpr"]), configuration=configuration,
+            slice_scores=slice_scores.astype(np.float32), anomaly_map=anomaly_map.astype(np.float32),
+            segmentation=segmentation, findings=findings, brain_extraction=canonical.brain_extraction,
+            model_version=self.version,
+        )
+
+    @staticmethod
+    def findings(canonical: Canonical, anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, list[Finding]]:
+        """Connected regions above the voxel threshold, largest first, as labels and findings."""
+        voxel_ml = abs(np.linalg.det(canonical.native_affine[:3, :3])) / 1000.0
+        components, n = ndimage.label(anomaly_map >= threshold)
+        if n == 0:
+            return np.zeros(canonical.native_shape, np.uint8), []
+        sizes = ndimage.sum_labels(np.ones_like(anomaly_map), components, index=np.arange(1, n + 1))
+        keep = [i + 1 for i in np.argsort(-sizes) if sizes[i] * voxel_ml >= MIN_FINDING_ML][:20]
+        segmentation = np.zeros(canonical.native_shape, np.uint8)
+        to_canonical_mm = np.linalg.inv(canonical.canonical_to_native_mm) @ canonical.native_affine
+        findings = []
+        for label, component in enumerate(keep, start=1):
+            region = components == component
+            segmentation[region] = label
+            ijk = np.argwhere(region)
+            x_mm = (to_canonical_mm[:3, :3] @ ijk.T + to_canonical_mm[:3, 3:4])[0]
+            right = float((x_mm > 0).mean())  # RAS: x > 0 is the patient's right
+            hemisphere = "right" if right > 0.8 else "left" if right < 0.2 else "bilateral"
+            findings.append(Finding(
+                label=label, volume_ml=float(region.sum() * voxel_ml), hemisphere=hemisphere,
+                slice_range=(int(ijk[:, 0].min()), int(ijk[:, 0].max())),
+                peak_score=float(anomaly_map[region].max()),
+                centroid_ijk=tuple(float(c) for c in ijk.mean(axis=0)),
+            ))
+        return segmentation, findings
+
+    def assess(self, canonical: Canonical, configuration: str = "combined") -> Assessment:
+        """All stages after preprocessing, for one study."""
+        slices = slice_volume(canonical)
+        maps = self.reconstruct(slices)
+        return self.score(canonical, slices, maps, self.embed(maps), configuration)
+

@@ -1,0 +1,365 @@
+"""Evaluation harness (Frotscher et al. 2025 protocol) on the synthetic lesion suite or real cohorts.
+
+Thresholds come from held-out *healthy* validation studies at stated false-positive rates
+(study level and voxel level); lesions are only ever used to measure. Every configuration and
+baseline is scored on the same studies in the same run:
+
+- ``combined``, ``vae``, ``mse``, ``symmetry``: the model's scoring configurations,
+- ``baseline-context``: the same U-Net with the mirror channel withheld (plain masked
+  reconstruction residual, an ablation, not a separately trained network),
+- ``baseline-flip``: raw left-right flip difference, no learning, no healthy statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+from tqdm import tqdm
+
+from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, slice_volume
+from .preprocess import PreprocessingError, canonicalise
+
+log = logging.getLogger(__name__)
+BASELINES = ("baseline-context", "baseline-flip")
+METHODS = CONFIGURATIONS + BASELINES
+SIZE_BINS_MM = (0, 10, 20, 40, 1000)
+LESION_SLICE_VOXELS = 5  # canonical slices with at least this many lesion voxels count as lesion slices
+VOXEL_SAMPLE = 200_000  # healthy voxels kept per study for thresholds / AUPRC (seeded subsample)
+
+
+@dataclass
+class Case:
+    """One test study: its scores per method and its voxel-level figures."""
+
+    name: str
+    label: int  # 1 lesion, 0 healthy
+    kind: str  # lesion kind or "healthy"
+    meta: dict
+    study: dict[str, float]
+    slice_scores: dict[str, np.ndarray]
+    slice_labels: np.ndarray
+    voxel_scores: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    voxel_truth: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, bool))
+    example: dict | None = field(repr=False, default=None)
+
+
+# -- sources -------------------------------------------------------------------------------
+def synthetic_cases(stream: str, healthy: int, per_kind: int, kinds: tuple[str, ...]) -> Iterator[tuple[str, callable]]:
+    """(name, loader) pairs; loader returns (image, native truth mask or None, meta). SYNTHETIC."""
+    from .cohort import CONTRASTS, available_anatomies, make_subject, subject_rng
+
+    anatomies = available_anatomies()
+    plan = [(None, i) for i in range(healthy)] + [(k, j) for k in kinds for j in range(per_kind)]
+    for index, (kind, j) in enumerate(plan):
+        anatomy = anatomies[index % len(anatomies)]
+        contrast = CONTRASTS[j % len(CONTRASTS)]
+
+        def load(index=index, kind=kind, anatomy=anatomy, contrast=contrast):
+            subject = make_subject(anatomy, subject_rng(stream, index), contrast=contrast, lesion_kind=kind)
+            return subject.image, subject.lesion_mask, subject.meta
+
+        yield f"{kind or 'healthy'}-{index:03d}-{anatomy}-{contrast}", load
+
+
+def folder_cases(root: Path, healthy_root: Path | None) -> Iterator[tuple[str, callable]]:
+    """Real cohorts: images with masks (BraTS-like ``*_seg``) under root; healthy studies under healthy_root."""
+    from .data import find_mask, is_mask_name, is_nifti, iter_studies
+
+    for path in sorted(p for p in root.rglob("*") if is_nifti(p) and not is_mask_name(p)):
+        mask_path = find_mask(path)
+
+        def load(path=path, mask_path=mask_path):
+            mask = nib.load(str(mask_path)).get_fdata() > 0 if mask_path else None
+            return nib.load(str(path)), mask, {"source": str(path), "contrast": "unknown"}
+
+        yield f"lesion-{path.stem}" if mask_path else f"healthy-{path.stem}", load
+    if healthy_root is not None:
+        for name, image in iter_studies(healthy_root):
+            yield f"healthy-{name}", (lambda image=image: (image, None, {"contrast": "unknown"}))
+
+
+# -- scoring -------------------------------------------------------------------------------
+def _top_mean(values: np.ndarray) -> float:
+    return Detector.study_score(values)
+
+
+def method_slice_scores(detector: Detector, slices: Slices, maps: DifferenceMaps) -> dict[str, np.ndarray]:
+    scores = detector.slice_scores(slices, maps, detector.embed(maps))
+    count = np.maximum(slices.mask.sum(axis=(1, 2)), 1)
+    scores["baseline-context"] = (maps.context_residual**2).sum(axis=(1, 2)) / count
+    scores["baseline-flip"] = (maps.symmetry**2).sum(axis=(1, 2)) / count
+    return scores
+
+
+def score_case(detector: Detector, name: str, image, truth, meta: dict, rng: np.random.Generator, keep_example: bool) -> Case | None:
+    try:
+        canonical = canonicalise(image)
+    except PreprocessingError as error:
+        log.warning("%s not assessed: %s", name, error)
+        return None
+    slices = slice_volume(canonical)
+    maps = detector.reconstruct(slices)
+    scores = method_slice_scores(detector, slices, maps)
+    truth_canonical = np.zeros(canonical.image.shape, bool)
+    if truth is not None:
+        truth_canonical = canonical.to_canonical(truth.astype(np.float32)) > 0.5
+    truth_slices = truth_canonical[:, :, slices.z].transpose(2, 0, 1) & slices.mask
+    voxel = maps.voxel_score[slices.mask]
+    voxel_truth = truth_slices[slices.mask]
+    if truth is None and len(voxel) > VOXEL_SAMPLE:  # healthy voxels: a seeded subsample suffices
+        keep = rng.choice(len(voxel), VOXEL_SAMPLE, replace=False)
+        voxel, voxel_truth = voxel[keep], voxel_truth[keep]
+    example = None
+    if keep_example and truth_slices.any():
+        k = int(np.argmax(truth_slices.sum(axis=(1, 2))))
+        example = {"image": slices.image[k], "reconstruction": maps.reconstruction[k], "difference": maps.residual[k],
+                   "anomaly": maps.voxel_score[k], "truth": truth_slices[k]}
+    return Case(
+        name=name, label=int(truth is not None and bool(np.any(truth))),
+        kind=name.split("-")[0], meta=meta,
+        study={m: _top_mean(s) for m, s in scores.items()},
+        slice_scores=scores, slice_labels=(truth_slices.sum(axis=(1, 2)) >= LESION_SLICE_VOXELS).astype(int),
+        voxel_scores=voxel.astype(np.float32), voxel_truth=voxel_truth, example=example,
+    )
+
+
+def score_cases(detector: Detector, sources, desc: str, progress: bool, examples: int = 0) -> list[Case]:
+    cases, rng = [], np.random.default_rng(0)
+    seen_kinds: set[str] = set()
+    for name, load in tqdm(list(sources), desc=desc, disable=not progress, unit="study"):
+        image, truth, meta = load()
+        kind = name.split("-")[0]
+        case = score_case(detector, name, image, truth, meta, rng, keep_example=kind not in seen_kinds and len(seen_kinds) < examples)
+        if case is not None:
+            cases.append(case)
+            if case.example is not None:
+                seen_kinds.add(kind)
+    return cases
+
+
+# -- metrics -------------------------------------------------------------------------------
+def thresholds_from_healthy(cases: list[Case], study_fpr: float, voxel_fpr: float) -> dict:
+    """Per-method study thresholds and the voxel threshold at the stated healthy FPRs."""
+    study = {m: float(np.quantile([c.study[m] for c in cases], 1 - study_fpr)) for m in METHODS}
+    voxel = float(np.quantile(np.concatenate([c.voxel_scores for c in cases]), 1 - voxel_fpr))
+    return {"study": study, "voxel": voxel, "study_fpr": study_fpr, "voxel_fpr": voxel_fpr, "n_healthy": len(cases)}
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    predicted = scores > threshold
+    positives, negatives = labels == 1, labels == 0
+    out = {
+        "n": int(len(labels)), "n_positive": int(positives.sum()),
+        "accuracy": float((predicted == positives).mean()) if len(labels) else float("nan"),
+        "sensitivity": float(predicted[positives].mean()) if positives.any() else float("nan"),
+        "specificity": float((~predicted[negatives]).mean()) if negatives.any() else float("nan"),
+        "fpr": float(predicted[negatives].mean()) if negatives.any() else float("nan"),
+    }
+    both = positives.any() and negatives.any()
+    out["auroc"] = float(roc_auc_score(labels, scores)) if both else float("nan")
+    out["auprc"] = float(average_precision_score(labels, scores)) if both else float("nan")
+    return out
+
+
+def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, threshold: float, n: int = 1000, seed: int = 0) -> dict:
+    """95 % percentile bootstrap intervals of AUROC and sensitivity (resampling studies)."""
+    rng = np.random.default_rng(seed)
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    auroc, sens = [], []
+    for _ in range(n):
+        i = rng.integers(len(labels), size=len(labels))
+        if 0 < labels[i].sum() < len(i):
+            auroc.append(roc_auc_score(labels[i], scores[i]))
+            sens.append((scores[i][labels[i] == 1] > threshold).mean())
+    interval = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [float("nan")] * 2  # noqa: E731
+    return {"auroc": interval(auroc), "sensitivity": interval(sens)}
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    total = prediction.sum() + truth.sum()
+    return float(2 * (prediction & truth).sum() / total) if total else 1.0
+
+
+def size_bin(diameter: float | None) -> str:
+    if diameter is None:
+        return "n/a"
+    for low, high in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:]):
+        if low <= diameter < high:
+            return f"{low}-{high} mm" if high < 1000 else f">={low} mm"
+    return "n/a"
+
+
+def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, focal_min_mm: float = 10.0) -> dict:
+    cases = healthy + lesions
+    labels = np.array([c.label for c in cases])
+    metrics: dict = {"study": {}, "slice": {}, "voxel": {}, "breakdown": {}, "thresholds": thresholds}
+    focal = [c for c in lesions if c.kind not in ("atrophy",) and (c.meta.get("lesion_diameter_mm") or 0) >= focal_min_mm]
+    for m in METHODS:
+        scores = np.array([c.study[m] for c in cases])
+        metrics["study"][m] = binary_metrics(labels, scores, thresholds["study"][m])
+        metrics["study"][m]["ci95"] = bootstrap_ci(labels, scores, thresholds["study"][m])
+        f_labels = np.array([0] * len(healthy) + [1] * len(focal))
+        f_scores = np.array([c.study[m] for c in healthy + focal])
+        metrics["study"][m]["focal_10mm"] = binary_metrics(f_labels, f_scores, thresholds["study"][m]) | {
+            "ci95": bootstrap_ci(f_labels, f_scores, thresholds["study"][m])}
+        s_labels = np.concatenate([c.slice_labels for c in cases])
+        s_scores = np.concatenate([c.slice_scores[m] for c in cases])
+        ok = np.isfinite(s_scores)
+        metrics["slice"][m] = {"auroc": float(roc_auc_score(s_labels[ok], s_scores[ok])) if 0 < s_labels.sum() < len(s_labels) else float("nan"),
+                               "auprc": float(average_precision_score(s_labels[ok], s_scores[ok])) if s_labels.any() else float("nan")}
+    # voxel level: AUPRC over the whole set, Dice per lesion subject at the healthy-FPR threshold
+    if lesions:
+        v_scores = np.concatenate([c.voxel_scores for c in cases])
+        v_truth = np.concatenate([c.voxel_truth for c in cases])
+        per_subject = [dice(c.voxel_scores > thresholds["voxel"], c.voxel_truth) for c in lesions]
+        candidates = np.quantile(v_scores, np.linspace(0.9, 0.9995, 60))
+        oracle = max(candidates, key=lambda t: np.mean([dice(c.voxel_scores > t, c.voxel_truth) for c in lesions]))
+        metrics["voxel"] = {
+            "auprc": float(average_precision_score(v_truth, v_scores)) if v_truth.any() else float("nan"),
+            "dice_mean": float(np.mean(per_subject)), "dice_std": float(np.std(per_subject)),
+            "oracle_threshold": float(oracle),
+            "oracle_dice_mean": float(np.mean([dice(c.voxel_scores > oracle, c.voxel_truth) for c in lesions])),
+            "healthy_voxel_fpr_observed": float(np.mean(np.concatenate([c.voxel_scores for c in healthy]) > thresholds["voxel"])) if healthy else float("nan"),
+        }
+        for c, d in zip(lesions, per_subject):
+            c.meta["dice"] = d
+    # breakdowns (study-level sensitivity at the calibrated threshold, voxel Dice)
+    groups: dict[str, dict[str, list[Case]]] = {"kind": {}, "size": {}, "contrast": {}, "voxel_size": {}, "noise": {}}
+    for c in lesions:
+        groups["kind"].setdefault(c.kind, []).append(c)
+        groups["size"].setdefault(size_bin(c.meta.get("lesion_diameter_mm")), []).append(c)
+        groups["contrast"].setdefault(c.meta.get("contrast", "unknown"), []).append(c)
+        groups["voxel_size"].setdefault("x".join(f"{v:g}" for v in c.meta.get("voxel_mm", [])) or "unknown", []).append(c)
+        groups["noise"].setdefault("high noise" if c.meta.get("noise", 0) > 0.02 else "low noise", []).append(c)
+    for axis, members in groups.items():
+        metrics["breakdown"][axis] = {
+            key: {"n": len(group),
+                  "sensitivity": {m: float(np.mean([c.study[m] > thresholds["study"][m] for c in group])) for m in METHODS},
+                  "dice_mean": float(np.mean([c.meta.get("dice", np.nan) for c in group])),
+                  "auroc_vs_healthy": {m: float(roc_auc_score([0] * len(healthy) + [1] * len(group),
+                                                               [h.study[m] for h in healthy] + [c.study[m] for c in group]))
+                                       if healthy else float("nan") for m in METHODS}}
+            for key, group in sorted(members.items())
+        }
+    return metrics
+
+
+# -- report --------------------------------------------------------------------------------
+def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Case], description: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    out.mkdir(parents=True, exist_ok=True)
+    cases = healthy + lesions
+    labels = np.array([c.label for c in cases])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for m in METHODS:
+        scores = np.array([c.study[m] for c in cases])
+        fpr, tpr, _ = roc_curve(labels, scores)
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        style = "-" if m in CONFIGURATIONS else "--"
+        axes[0].plot(fpr, tpr, style, label=f"{m} (AUROC {metrics['study'][m]['auroc']:.3f})")
+        axes[1].plot(recall, precision, style, label=f"{m} (AUPRC {metrics['study'][m]['auprc']:.3f})")
+    axes[0].axvline(metrics["thresholds"]["study_fpr"], color="grey", lw=0.8, ls=":")
+    axes[0].set(xlabel="false-positive rate", ylabel="sensitivity", title="Study level ROC")
+    axes[1].set(xlabel="recall", ylabel="precision", title="Study level PR")
+    for ax in axes:
+        ax.legend(fontsize=8, loc="lower right" if ax is axes[0] else "lower left")
+        ax.grid(alpha=0.3)
+    fig.suptitle(description, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "roc_pr.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind in sorted({c.kind for c in lesions}):
+        members = [c for c in lesions if c.kind == kind]
+        ax.scatter([c.meta.get("lesion_diameter_mm", np.nan) for c in members], [c.meta.get("dice", np.nan) for c in members], label=kind, s=25)
+    ax.axhline(0.645, color="grey", ls=":", lw=1, label="DISYRE BraTS T2 (0.645, real data)")
+    ax.set(xlabel="largest lesion diameter (mm)", ylabel="voxel Dice at 1% healthy voxel FPR", title="Dice by lesion size", ylim=(0, 1))
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "dice_by_size.png", dpi=110)
+    plt.close(fig)
+
+    examples = [c for c in lesions if c.example is not None]
+    if examples:
+        columns = ("image", "reconstruction", "difference", "anomaly", "truth")
+        fig, axes = plt.subplots(len(examples), len(columns), figsize=(2.2 * len(columns), 2.4 * len(examples)), squeeze=False)
+        for row, case in zip(axes, examples):
+            for ax, key in zip(row, columns):
+                image = case.example[key]
+                ax.imshow(image.T, origin="lower", cmap="magma" if key == "anomaly" else "gray",
+                          vmin=0 if key != "anomaly" else 0, vmax=None if key != "anomaly" else max(5.0, metrics["thresholds"]["voxel"] * 2))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row is axes[0]:
+                    ax.set_title(key, fontsize=9)
+            row[0].set_ylabel(f"{case.kind}\n{case.meta.get('contrast', '')}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "gallery.png", dpi=90)
+        plt.close(fig)
+
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    (out / "cases.json").write_text(json.dumps([{"name": c.name, "label": c.label, "kind": c.kind, "study": c.study,
+                                                  "meta": c.meta} for c in cases], indent=2, default=float) + "\n")
+    (out / "summary.md").write_text(summary_markdown(metrics, description))
+
+
+def summary_markdown(metrics: dict, description: str) -> str:
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"  # noqa: E731
+    lines = [f"# brainmirror evaluation\n\n{description}\n",
+             f"Thresholds from {metrics['thresholds']['n_healthy']} held-out healthy studies at "
+             f"{metrics['thresholds']['study_fpr']:.0%} study FPR and {metrics['thresholds']['voxel_fpr']:.0%} voxel FPR; "
+             "nothing tuned on lesions.\n",
+             "## Study level (all lesion kinds vs healthy)\n",
+             "| method | AUROC [95% CI] | AUPRC | accuracy | sensitivity [95% CI] | specificity | FPR | focal >=10 mm AUROC | focal >=10 mm sensitivity |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in metrics["study"].items():
+        f = r["focal_10mm"]
+        lines.append(f"| {m} | {fmt(r['auroc'])} [{fmt(r['ci95']['auroc'][0])}, {fmt(r['ci95']['auroc'][1])}] | {fmt(r['auprc'])} | "
+                     f"{fmt(r['accuracy'])} | {fmt(r['sensitivity'])} [{fmt(r['ci95']['sensitivity'][0])}, {fmt(r['ci95']['sensitivity'][1])}] | "
+                     f"{fmt(r['specificity'])} | {fmt(r['fpr'])} | {fmt(f['auroc'])} | {fmt(f['sensitivity'])} |")
+    lines += ["\n## Slice level\n", "| method | AUROC | AUPRC |", "|---|---|---|"]
+    lines += [f"| {m} | {fmt(r['auroc'])} | {fmt(r['auprc'])} |" for m, r in metrics["slice"].items()]
+    if metrics["voxel"]:
+        v = metrics["voxel"]
+        lines += ["\n## Voxel level (combined anomaly map)\n",
+                  f"AUPRC {fmt(v['auprc'])}; Dice at the healthy 1% voxel-FPR threshold {fmt(v['dice_mean'])} "
+                  f"(sd {fmt(v['dice_std'])}); oracle-threshold Dice (secondary, optimistic) {fmt(v['oracle_dice_mean'])}; "
+                  f"observed healthy voxel FPR {fmt(v['healthy_voxel_fpr_observed'])}.\n"]
+    for axis, groups in metrics["breakdown"].items():
+        lines += [f"\n## By {axis.replace('_', ' ')}\n", "| group | n | sensitivity (combined) | AUROC vs healthy (combined) | best baseline AUROC | Dice |", "|---|---|---|---|---|---|"]
+        for key, g in groups.items():
+            best = max(g["auroc_vs_healthy"][b] for b in BASELINES)
+            lines.append(f"| {key} | {g['n']} | {fmt(g['sensitivity']['combined'])} | {fmt(g['auroc_vs_healthy']['combined'])} | {fmt(best)} | {fmt(g['dice_mean'])} |")
+    lines.append("\nPlots: `roc_pr.png`, `dice_by_size.png`, `gallery.png`. Raw figures: `metrics.json`, `cases.json`.\n")
+    return "\n".join(lines)
+
+
+def evaluate(detector: Detector, calibration_sources, test_sources, out: Path, description: str,
+             study_fpr: float = 0.05, voxel_fpr: float = 0.01, progress: bool = True) -> dict:
+    """Calibrate on healthy validation studies, score the test studies, write the report."""
+    validation = score_cases(detector, calibration_sources, "validation (healthy)", progress)
+    if len(validation) < 2:
+        raise ValueError("need at least 2 healthy validation studies for thresholds")
+    thresholds = thresholds_from_healthy(validation, study_fpr, voxel_fpr)
+    tested = score_cases(detector, test_sources, "test", progress, examples=8)
+    healthy = [c for c in tested if c.label == 0]
+    lesions = [c for c in tested if c.label == 1]
+    metrics = compute_metrics(healthy, lesions, thresholds)
+    metrics["description"] = description
+    write_report(out, metrics, healthy, lesions, description)
+    return metrics

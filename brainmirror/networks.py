@@ -1,0 +1,100 @@
+"""The two networks and the symmetry-aware masks.
+
+Slices are canonical axial slices of shape (96, 112): axis 0 is left-right, so ``x.flip(-2)``
+is the mirror image about the mid-sagittal plane.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+SLICE_SHAPE = (96, 112)
+MIRROR_AXIS = -2  # left-right axis of a (..., 96, 112) slice tensor
+INFERENCE_BLOCK = 16  # px (32 mm) checkerboard blocks at inference
+
+
+def mirror(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(MIRROR_AXIS)
+
+
+class Reconstructor(nn.Module):
+    """2D U-Net that rebuilds masked regions from context and, optionally, the mirrored slice.
+
+    Input channels: masked slice, mirrored slice (zeros when the mirror is withheld), mask.
+    """
+
+    def __init__(self, features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)):
+        super().__init__()
+        self.unet = BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=features)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, use_mirror: bool | torch.Tensor = True) -> torch.Tensor:
+        keep = torch.as_tensor(use_mirror, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+        inputs = torch.cat([x * (1 - mask), mirror(x) * keep, mask], dim=1)
+        return self.unet(inputs)
+
+
+class BetaVAE(nn.Module):
+    """Convolutional Beta-VAE over difference maps with a dense latent (default 1024)."""
+
+    def __init__(self, in_channels: int = 2, latent: int = 1024, channels: tuple[int, ...] = (16, 32, 64, 16)):
+        super().__init__()
+        layers, previous = [], in_channels
+        for c in channels:
+            layers += [nn.Conv2d(previous, c, 4, stride=2, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU(0.2)]
+            previous = c
+        self.encoder = nn.Sequential(*layers, nn.Flatten())
+        down = 2 ** len(channels)
+        self.grid = (channels[-1], SLICE_SHAPE[0] // down, SLICE_SHAPE[1] // down)
+        flat = int(np.prod(self.grid))
+        self.mu = nn.Linear(flat, latent)
+        self.logvar = nn.Linear(flat, latent)
+        self.expand = nn.Linear(latent, flat)
+        layers = []
+        rev = list(channels[::-1]) + [channels[0]]
+        for a, b in zip(rev[:-1], rev[1:]):
+            layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1), nn.BatchNorm2d(b), nn.LeakyReLU(0.2)]
+        self.decoder = nn.Sequential(*layers, nn.Conv2d(channels[0], in_channels, 3, padding=1))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return self.mu(h), self.logvar(h).clamp(-10, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        return self.decoder(self.expand(z).view(-1, *self.grid)), mu, logvar
+
+
+def beta_vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float) -> torch.Tensor:
+    reconstruction = ((recon - x) ** 2).flatten(1).sum(1)
+    kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+    return (reconstruction + beta * kl).mean()
+
+
+def checkerboard(phase: int, block: int = INFERENCE_BLOCK, offset: int = 0, shape=SLICE_SHAPE) -> np.ndarray:
+    """Blocks aligned on the mid-sagittal plane: the mirror of a masked block is never masked."""
+    centre = shape[0] // 2
+    cols = np.floor((np.arange(shape[0]) - centre) / block).astype(int)
+    rows = (np.arange(shape[1]) + offset) // block
+    return ((cols[:, None] + rows[None, :]) % 2 == phase).astype(np.float32)
+
+
+def training_mask(rng: np.random.Generator, shape=SLICE_SHAPE) -> np.ndarray:
+    """A random mask whose mirror image it never overlaps: checkerboards, blobs, or a hemisphere."""
+    kind = rng.random()
+    if kind < 0.5:
+        return checkerboard(int(rng.integers(2)), int(rng.choice([8, 12, 16, 24])), int(rng.integers(24)), shape)
+    if kind < 0.6:
+        mask = np.zeros(shape, np.float32)
+        mask[: shape[0] // 2] = 1
+        return mask if rng.random() < 0.5 else mask[::-1].copy()
+    yy, xx = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]))
+    mask = np.zeros(shape, bool)
+    for _ in range(int(rng.integers(1, 6))):
+        cx, cy = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        ax, ay = rng.uniform(4, 24, size=2)
+        mask |= ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1
+    return (mask & ~mask[::-1]).astype(np.float32)

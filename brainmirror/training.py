@@ -1,0 +1,293 @@
+"""Training and calibration on healthy studies only.
+
+Training splits the healthy studies into a *fit* part (trains the U-Net and the Beta-VAE) and a
+*normative* part (healthy statistics: per-voxel residual mean/std, per-slice-position score
+statistics, embedding mean and shrinkage covariance), so that the statistics are not biased by
+studies the networks have memorised. Calibration then sets thresholds on *other* healthy
+studies. Nothing here ever sees a lesion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from sklearn.covariance import LedoitWolf
+from tqdm import tqdm
+
+from . import __version__
+from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, default_device, slice_volume
+from .networks import BetaVAE, Reconstructor, beta_vae_loss, training_mask
+from .preprocess import SHAPE, canonicalise
+
+log = logging.getLogger(__name__)
+StudySource = Iterable[tuple[str, Callable[[], nib.Nifti1Image]]]
+
+
+@dataclass
+class TrainingConfig:
+    unet_features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 16)
+    latent: int = 1024
+    beta: float = 4.0
+    unet_steps: int = 2000
+    vae_steps: int = 1500
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    mirror_dropout: float = 0.3  # fraction of training samples that get no mirror channel
+    normative_fraction: float = 0.25
+    seed: int = 0
+
+
+# -- data ----------------------------------------------------------------------------------
+def prepare(sources: StudySource, cache: Path, progress: bool = True) -> list[Slices]:
+    """Preprocess every study once (cached per study, so an interrupted run resumes)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    prepared = []
+    for name, load in tqdm(list(sources), desc="preprocess", disable=not progress, unit="study"):
+        path = cache / f"{hashlib.sha1(name.encode()).hexdigest()[:16]}.npz"
+        if not path.exists():
+            try:
+                slices = slice_volume(canonicalise(load()))
+            except ValueError as error:
+                log.warning("skipped %s: %s", name, error)
+                continue
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, image=slices.image, mask=slices.mask, z=slices.z)
+            tmp.replace(path)
+        with np.load(path) as data:
+            prepared.append(Slices(data["image"], data["mask"], data["z"]))
+    return prepared
+
+
+def synthetic_sources(stream: str, count: int, anatomies: tuple[str, ...] = ("mni",)) -> StudySource:
+    """Healthy virtual-cohort studies (SYNTHETIC), seeded by stream and index."""
+    from .cohort import make_subject, subject_rng
+
+    for i in range(count):
+        anatomy = anatomies[i % len(anatomies)]
+        yield f"synthetic-{stream}-{anatomy}-{i}", (lambda i=i, a=anatomy: make_subject(a, subject_rng(stream, i)).image)
+
+
+def folder_sources(root: Path) -> StudySource:
+    """Every NIfTI file and DICOM series under ``root`` (loaded lazily where possible)."""
+    from .data import iter_studies
+
+    for name, image in iter_studies(root):
+        yield f"{root}:{name}", (lambda image=image: image)
+
+
+# -- networks ------------------------------------------------------------------------------
+def _checkpointed_loop(name: str, model: torch.nn.Module, steps: int, step_fn, checkpoint_dir: Path,
+                       learning_rate: float, progress: bool) -> None:
+    """Adam over ``steps`` with a resumable checkpoint every 100 steps."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
+    path = checkpoint_dir / f"{name}.ckpt"
+    start = 0
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["steps"] == steps:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = state["step"]
+            log.info("resuming %s at step %d", name, start)
+    model.train()
+    bar = tqdm(range(start, steps), desc=f"train {name}", disable=not progress, initial=start, total=steps)
+    for step in bar:
+        loss = step_fn(step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step + 1, "steps": steps}, path)
+    model.eval()
+
+
+def train_reconstructor(fit: list[Slices], config: TrainingConfig, checkpoint_dir: Path,
+                        device: torch.device, model: Reconstructor | None = None, progress: bool = True) -> Reconstructor:
+    images = torch.from_numpy(np.concatenate([s.image for s in fit]))[:, None]
+    brains = torch.from_numpy(np.concatenate([s.mask for s in fit]))[:, None].float()
+    model = (model or Reconstructor(config.unet_features)).to(device)
+
+    def step(i: int) -> torch.Tensor:
+        rng = np.random.default_rng([config.seed, 1, i])
+        index = torch.from_numpy(rng.integers(len(images), size=config.batch_size))
+        gain = torch.from_numpy(rng.uniform(0.85, 1.15, size=(config.batch_size, 1, 1, 1)).astype(np.float32))
+        x = (images[index] * gain).to(device)
+        brain = brains[index].to(device)
+        mask = torch.from_numpy(np.stack([training_mask(rng) for _ in index]))[:, None].to(device)
+        keep = torch.from_numpy((rng.random(config.batch_size) >= config.mirror_dropout).astype(np.float32)).to(device)
+        error = (model(x, mask, keep) - x).abs() * brain
+        hidden = (error * mask).sum() / (mask * brain).sum().clamp(min=1)
+        visible = (error * (1 - mask)).sum() / ((1 - mask) * brain).sum().clamp(min=1)
+        return hidden + 0.1 * visible
+
+    _checkpointed_loop("reconstruction", model, config.unet_steps, step, checkpoint_dir, config.learning_rate, progress)
+    return model
+
+
+def train_vae(maps: np.ndarray, config: TrainingConfig, checkpoint_dir: Path, device: torch.device,
+              model: BetaVAE | None = None, progress: bool = True) -> BetaVAE:
+    data = torch.from_numpy(maps)
+    model = (model or BetaVAE(latent=config.latent, channels=config.vae_channels)).to(device)
+
+    def step(i: int) -> torch.Tensor:
+        rng = np.random.default_rng([config.seed, 2, i])
+        x = data[torch.from_numpy(rng.integers(len(data), size=config.batch_size * 2))].to(device)
+        recon, mu, logvar = model(x)
+        return beta_vae_loss(recon, x, mu, logvar, config.beta) / x[0].numel()
+
+    _checkpointed_loop("embedding", model, config.vae_steps, step, checkpoint_dir, config.learning_rate / 2, progress)
+    return model
+
+
+# -- normative statistics ------------------------------------------------------------------
+def _raw_voxel_map(maps: DifferenceMaps) -> np.ndarray:
+    return ndimage.gaussian_filter(np.sqrt(maps.residual * maps.context_residual), sigma=(0, 1, 1))
+
+
+def voxel_statistics(studies: list[Slices], maps: list[DifferenceMaps]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel mean and std of the raw anomaly map over healthy studies, spatially smoothed."""
+    total, total_sq, count = (np.zeros(SHAPE, np.float64) for _ in range(3))
+    for s, m in zip(studies, maps):
+        raw = _raw_voxel_map(m).transpose(1, 2, 0)
+        brain = s.mask.transpose(1, 2, 0)
+        total[:, :, s.z] += raw * brain
+        total_sq[:, :, s.z] += raw**2 * brain
+        count[:, :, s.z] += brain
+    smooth = lambda v: ndimage.gaussian_filter(v, 2.0)  # noqa: E731
+    n = np.maximum(smooth(count), 1e-3)
+    mean = smooth(total) / n
+    std = np.sqrt(np.maximum(smooth(total_sq) / n - mean**2, 0))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def position_statistics(values: list[np.ndarray], zs: list[np.ndarray], window: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of a slice statistic per canonical slice position, pooled over +-window."""
+    mean, std = np.zeros(SHAPE[2], np.float32), np.ones(SHAPE[2], np.float32)
+    v, z = np.concatenate(values), np.concatenate(zs)
+    for position in range(SHAPE[2]):
+        near = np.abs(z - position) <= window
+        if near.sum() >= 5:
+            mean[position] = v[near].mean()
+            std[position] = max(v[near].std(), 1e-6)
+    return mean, std
+
+
+def fit_voxel_statistics(detector: Detector, normative: list[Slices], progress: bool = True) -> None:
+    """Per-voxel healthy mean and std of the raw anomaly map (needed before the VAE trains)."""
+    maps = [detector.reconstruct(s) for s in tqdm(normative, desc="voxel statistics", disable=not progress)]
+    detector.normative["voxel_mean"], detector.normative["voxel_std"] = voxel_statistics(normative, maps)
+
+
+def fit_embedding_statistics(detector: Detector, normative: list[Slices], progress: bool = True) -> None:
+    """Embedding mean and Ledoit-Wolf precision, and per-position slice statistics."""
+    maps = [detector.reconstruct(s) for s in tqdm(normative, desc="normative statistics", disable=not progress)]
+    embeddings = [detector.embed(m) for m in maps]
+    lw = LedoitWolf().fit(np.concatenate(embeddings))
+    detector.normative["embedding_mean"] = lw.location_.astype(np.float32)
+    detector.normative["embedding_precision"] = lw.precision_.astype(np.float32)
+    features = [detector.slice_features(s, m, e) for s, m, e in zip(normative, maps, embeddings)]
+    for name in features[0]:
+        mean, std = position_statistics([f[name] for f in features], [s.z for s in normative])
+        detector.normative[f"{name}_mean"], detector.normative[f"{name}_std"] = mean, std
+
+
+def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingConfig,
+          data_description: str, base: Detector | None = None, progress: bool = True) -> Detector:
+    """Train (or, with ``base``, fine-tune) a model bundle on healthy studies and save it."""
+    torch.manual_seed(config.seed)
+    device = default_device()
+    studies = prepare(fit_sources, work / "cache", progress)
+    if len(studies) < 4:
+        raise ValueError(f"need at least 4 usable healthy studies, found {len(studies)}")
+    order = np.random.default_rng(config.seed).permutation(len(studies))
+    n_normative = max(2, int(round(config.normative_fraction * len(studies))))
+    normative = [studies[i] for i in order[:n_normative]]
+    fit = [studies[i] for i in order[n_normative:]]
+    log.info("%d studies: %d fit, %d normative", len(studies), len(fit), len(normative))
+
+    reconstructor = train_reconstructor(fit, config, work / "checkpoints", device,
+                                        base.reconstructor if base else None, progress)
+    vae = base.vae if base else BetaVAE(latent=config.latent, channels=config.vae_channels)
+    detector = Detector(reconstructor, vae, dict(base.normative) if base else {}, {}, device)
+    fit_voxel_statistics(detector, normative, progress)
+    fit_maps = np.concatenate([Detector.vae_input(detector.reconstruct(s))
+                               for s in tqdm(fit, desc="difference maps", disable=not progress)])
+    detector.vae = train_vae(fit_maps, config, work / "checkpoints", device, detector.vae, progress).eval()
+    fit_embedding_statistics(detector, normative, progress)
+    detector.metadata = {
+        "name": "brainmirror",
+        "version": __version__,
+        "task": "Unsupervised anomaly detection in brain MRI (symmetry-informed inverse learning)",
+        "description": "2D U-Net masked reconstruction with a mirrored-hemisphere channel, "
+                       "Beta-VAE embedding of difference maps, Mahalanobis scoring.",
+        "authors": "brainmirror",
+        "copyright": "brainmirror",
+        "intended_use": "Research only. NOT FOR CLINICAL USE.",
+        "data_source": data_description,
+        "training": {"studies": len(fit), "normative_studies": len(normative),
+                     "slices": int(sum(len(s.z) for s in fit)), "date": date.today().isoformat(),
+                     "fine_tuned_from": base.version if base else None,
+                     "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}},
+        "network": {"unet_features": list(config.unet_features), "vae_channels": list(config.vae_channels),
+                    "latent": config.latent},
+        "network_data_format": {"inputs": {"image": {"type": "image", "modality": "MR", "num_channels": 1,
+                                                     "spatial_shape": [96, 112], "format": "canonical axial slice"}},
+                                "outputs": {"score": {"type": "probabilities", "format": "anomaly score"}}},
+    }
+    detector.save(output)
+    return detector
+
+
+# -- calibration ---------------------------------------------------------------------------
+def healthy_scores(detector: Detector, studies: list[Slices], progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Study scores per configuration and all brain voxel scores, for healthy studies."""
+    scores: dict[str, list[float]] = {c: [] for c in CONFIGURATIONS}
+    voxels = []
+    for s in tqdm(studies, desc="score healthy", disable=not progress, unit="study"):
+        maps = detector.reconstruct(s)
+        per_slice = detector.slice_scores(s, maps, detector.embed(maps))
+        for c in CONFIGURATIONS:
+            scores[c].append(detector.study_score(per_slice[c]))
+        voxels.append(maps.voxel_score[s.mask])
+    return {c: np.array(v) for c, v in scores.items()}, np.concatenate(voxels)
+
+
+def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05, voxel_fpr: float = 0.01,
+              description: str = "", progress: bool = True) -> dict:
+    """Thresholds at the stated false-positive rates on held-out healthy studies."""
+    if not 0 < study_fpr < 1 or not 0 < voxel_fpr < 1:
+        raise ValueError("false-positive rates must lie strictly between 0 and 1")
+    if len(studies) < 2:
+        raise ValueError("calibration needs at least 2 healthy studies (20 or more recommended)")
+    scores, voxels = healthy_scores(detector, studies, progress)
+    study = {}
+    for c, values in scores.items():
+        threshold = float(np.quantile(values, 1 - study_fpr))
+        study[c] = {"threshold": threshold, "fpr": study_fpr, "observed_fpr": float((values > threshold).mean()),
+                    "n_studies": len(values)}
+    voxel_threshold = float(np.quantile(voxels, 1 - voxel_fpr))
+    calibration = {
+        "study": study,
+        "voxel": {"threshold": voxel_threshold, "fpr": voxel_fpr,
+                  "observed_fpr": float((voxels >= voxel_threshold).mean()), "n_voxels": int(len(voxels))},
+        "data_source": description,
+        "date": date.today().isoformat(),
+    }
+    detector.metadata["calibration"] = calibration
+    return calibration

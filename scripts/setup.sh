@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up brainmirror on a fresh Debian/Ubuntu machine with Python 3.10+: system packages
+# (DICOM validators, the Colin27 anatomy used by the demo), a virtualenv in .venv, and the
+# pinned Python requirements. Idempotent: rerunning it is fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(dcmtk dicom3tools mricron-data)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+echo "brainmirror is set up in .venv"
