@@ -6,7 +6,12 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
+
+# MONAI imports every installed monai.* package, so with the MONAI Deploy SDK beside it Holoscan
+# gets imported too and warns about the stack size; the core itself never uses Holoscan.
+warnings.filterwarnings("ignore", message="Current stack size")
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "brainmirror"
 SYNTHETIC_NOTE = "SYNTHETIC: virtual healthy cohort built from MNI152 2009a sym (nilearn)"
@@ -163,6 +168,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if metrics else 1
 
 
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .demo import DEMO_STUDIES, make_demo_study
+
+    names = sorted(DEMO_STUDIES) if args.study == "all" else [args.study]
+    for name in names:
+        folder = args.output / name if len(names) > 1 else args.output
+        paths, _ = make_demo_study(folder, name)
+        print(f"demo study '{name}' (SYNTHETIC): {len(paths)} DICOM files in {folder}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import demo_studies, run_benchmark
+
+    studies = demo_studies(args.work / "bench-studies", args.studies)
+    result = run_benchmark(args.model, studies, args.repeats, args.output, app=not args.no_app)
+    print((args.output / "bench.md").read_text())
+    return 0 if result else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brainmirror",
@@ -208,6 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configuration", default="combined", choices=["mse", "symmetry", "vae", "combined"],
                    help="scoring configuration (default combined)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo-data", help="write a demo DICOM study (real anatomy, synthetic lesion)",
+                       description="Write a demo brain MR study as DICOM: Colin27 anatomy (Debian mricron-data) "
+                                   "under a synthetic warp and contrast, with a synthetic tumour ('tumour') or "
+                                   "without ('normal'). SYNTHETIC data for trying the application.")
+    p.add_argument("output", type=Path, help="folder to write the DICOM files into")
+    p.add_argument("--study", default="tumour", choices=["tumour", "normal", "all"], help="which demo study (default tumour)")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("bench", help="per-stage latency, memory and FLOPs vs baselines",
+                       description="Benchmark on N demo studies: per-stage latency (median and range over repeats), "
+                                   "whole-application wall time and peak RSS, FLOPs and achieved FLOP/s per network, "
+                                   "and a diffusion-style reconstruction baseline (50 and 250 steps) as ratios. Writes "
+                                   "bench.json and bench.md.")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model bundle (default: the shipped model)")
+    p.add_argument("--studies", type=int, default=2, help="number of demo studies (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per study (default 3)")
+    p.add_argument("--output", type=Path, default=Path("reports/bench"), help="output folder (default reports/bench)")
+    p.add_argument("--work", type=Path, default=Path("work"), help="where demo studies are cached (default ./work)")
+    p.add_argument("--no-app", action="store_true", help="skip the whole-application runs (core stages only)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("evaluate", help="measure detection on the synthetic lesion suite or a real cohort",
                        description="Calibrate thresholds on healthy validation studies (never lesions), score a test "

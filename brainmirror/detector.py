@@ -238,7 +238,7 @@ class Detector:
     def findings(canonical: Canonical, anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, list[Finding]]:
         """Connected regions above the voxel threshold, largest first, as labels and findings."""
         voxel_ml = abs(np.linalg.det(canonical.native_affine[:3, :3])) / 1000.0
-        components, n = ndimage.label(anomaly_map >= threshold)
+        components, n = ndimage.label(anomaly_map > threshold)
         if n == 0:
             return np.zeros(canonical.native_shape, np.uint8), []
         sizes = ndimage.sum_labels(np.ones_like(anomaly_map), components, index=np.arange(1, n + 1))

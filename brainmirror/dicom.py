@@ -473,7 +473,7 @@ def _render_slice(
         np.nan_to_num(image), cmap="gray", vmin=window[0], vmax=window[1],
         aspect="auto", interpolation="bilinear",
     )
-    overlay = np.isfinite(scores) & (scores >= assessment.voxel_threshold)
+    overlay = np.isfinite(scores) & (scores > assessment.voxel_threshold)
     if overlay.any():
         finite = np.asarray(assessment.anomaly_map)[np.isfinite(assessment.anomaly_map)]
         top = float(finite.max()) if finite.size else assessment.voxel_threshold

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, slice_volume
 from .preprocess import PreprocessingError, canonicalise
+from .training import threshold_at_fpr
 
 log = logging.getLogger(__name__)
 BASELINES = ("baseline-context", "baseline-flip")
@@ -147,8 +148,8 @@ def score_cases(detector: Detector, sources, desc: str, progress: bool, examples
 # -- metrics -------------------------------------------------------------------------------
 def thresholds_from_healthy(cases: list[Case], study_fpr: float, voxel_fpr: float) -> dict:
     """Per-method study thresholds and the voxel threshold at the stated healthy FPRs."""
-    study = {m: float(np.quantile([c.study[m] for c in cases], 1 - study_fpr)) for m in METHODS}
-    voxel = float(np.quantile(np.concatenate([c.voxel_scores for c in cases]), 1 - voxel_fpr))
+    study = {m: threshold_at_fpr([c.study[m] for c in cases], study_fpr) for m in METHODS}
+    voxel = threshold_at_fpr(np.concatenate([c.voxel_scores for c in cases]), voxel_fpr)
     return {"study": study, "voxel": voxel, "study_fpr": study_fpr, "voxel_fpr": voxel_fpr, "n_healthy": len(cases)}
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from importlib import resources
 
 import nibabel as nib
@@ -52,6 +53,7 @@ class Canonical:
     canonical_to_native_mm: np.ndarray  # 4x4 rigid: canonical RAS mm -> native RAS mm
     native_mask: np.ndarray  # bool, native grid, brain mask
     brain_extraction: str  # "deepbet" or "template"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per preprocessing step
 
     @property
     def canonical_to_native_vox(self) -> np.ndarray:
@@ -184,14 +186,19 @@ def canonicalise(image: nib.Nifti1Image) -> Canonical:
         raise PreprocessingError("the volume is constant (no image content)")
     data = data - data.min()
     affine = image.affine
+    clock = time.perf_counter()
     native_mask = extract_brain(image)
+    timings = {"brain_extraction": time.perf_counter() - clock}
     method = "deepbet"
+    clock = time.perf_counter()
     if native_mask is None:
         method = "template"
         head = data > np.percentile(data, 60) * 0.2
         to_canonical = register_rigid(data * head, affine)
     else:
         to_canonical = register_rigid(data * native_mask, affine)
+    timings["registration"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     canonical_to_native_vox = np.linalg.inv(affine) @ to_canonical @ CANONICAL_AFFINE
     canonical = resample(data, canonical_to_native_vox, SHAPE, order=1)
     if native_mask is None:
@@ -202,14 +209,17 @@ def canonicalise(image: nib.Nifti1Image) -> Canonical:
         mask = resample(native_mask, canonical_to_native_vox, SHAPE, order=1) > 0.5
     if mask.sum() * SPACING_MM**3 / 1000.0 < PLAUSIBLE_BRAIN_ML[0] / 2:
         raise PreprocessingError("too little brain in the field of view")
+    normalised = normalise(canonical, mask)
+    timings["resampling"] = time.perf_counter() - clock
     return Canonical(
-        image=normalise(canonical, mask),
+        image=normalised,
         mask=mask,
         native_shape=tuple(image.shape),
         native_affine=np.asarray(affine, dtype=float),
         canonical_to_native_mm=to_canonical,
         native_mask=native_mask,
         brain_extraction=method,
+        timings=timings,
     )
 
 

@@ -255,6 +255,11 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
 
 
 # -- calibration ---------------------------------------------------------------------------
+def threshold_at_fpr(healthy_values: np.ndarray, fpr: float) -> float:
+    """The threshold that a fraction ``fpr`` of healthy values exceed (``score > threshold``)."""
+    return float(np.quantile(np.asarray(healthy_values, dtype=float), 1 - fpr))
+
+
 def healthy_scores(detector: Detector, studies: list[Slices], progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Study scores per configuration and all brain voxel scores, for healthy studies."""
     scores: dict[str, list[float]] = {c: [] for c in CONFIGURATIONS}
@@ -278,14 +283,14 @@ def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05
     scores, voxels = healthy_scores(detector, studies, progress)
     study = {}
     for c, values in scores.items():
-        threshold = float(np.quantile(values, 1 - study_fpr))
+        threshold = threshold_at_fpr(values, study_fpr)
         study[c] = {"threshold": threshold, "fpr": study_fpr, "observed_fpr": float((values > threshold).mean()),
                     "n_studies": len(values)}
-    voxel_threshold = float(np.quantile(voxels, 1 - voxel_fpr))
+    voxel_threshold = threshold_at_fpr(voxels, voxel_fpr)
     calibration = {
         "study": study,
         "voxel": {"threshold": voxel_threshold, "fpr": voxel_fpr,
-                  "observed_fpr": float((voxels >= voxel_threshold).mean()), "n_voxels": int(len(voxels))},
+                  "observed_fpr": float((voxels > voxel_threshold).mean()), "n_voxels": int(len(voxels))},
         "data_source": description,
         "date": date.today().isoformat(),
     }

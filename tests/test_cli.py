@@ -1,0 +1,73 @@
+"""The command line as a new user runs it: help, train, calibrate, run (small and real)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def brainmirror(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "brainmirror", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command, option", [
+    ("train", "--synthetic"), ("finetune", "--model"), ("calibrate", "--study-fpr"),
+    ("run", "--configuration"), ("evaluate", "--quick"), ("bench", "--repeats"), ("demo-data", "--study"),
+])
+def test_every_command_explains_its_options(command, option):
+    proc = brainmirror(command, "--help", timeout=120)
+    assert proc.returncode == 0 and option in proc.stdout
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    proc = brainmirror("train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "m"), timeout=120)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
+    """Tiny budgets: checks the commands and the bundle they write, not the model quality."""
+    from brainmirror.cohort import make_subject, subject_rng
+
+    data = tmp_path / "healthy"
+    data.mkdir()
+    for i in range(4):  # a site's folder of healthy NIfTI studies
+        nib.save(make_subject("mni", subject_rng("test", i)).image, data / f"sub-{i:02d}_T1w.nii.gz")
+    model, work = tmp_path / "model", tmp_path / "work"
+    small = ["--unet-steps", "3", "--vae-steps", "3", "--batch-size", "2", "--latent", "16", "--quiet"]
+    proc = brainmirror("train", "--data", str(data), "--output", str(model), "--work", str(work), *small)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metadata = json.loads((model / "configs" / "metadata.json").read_text())
+    assert metadata["network"]["latent"] == 16 and metadata["training"]["studies"] == 3
+    for name in ("reconstruction.pt", "embedding.pt", "normative.npz"):
+        assert (model / "models" / name).exists()
+
+    proc = brainmirror("calibrate", "--model", str(model), "--data", str(data), "--work", str(work), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calibration = json.loads((model / "configs" / "metadata.json").read_text())["calibration"]
+    assert calibration["study"]["combined"]["fpr"] == 0.05 and calibration["voxel"]["fpr"] == 0.01
+
+    tuned = tmp_path / "tuned"
+    proc = brainmirror("finetune", "--model", str(model), "--data", str(data), "--output", str(tuned),
+                       "--work", str(work), *small)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tuned / "configs" / "metadata.json").read_text())["training"]["fine_tuned_from"]
+
+    study = data / "sub-00_T1w.nii.gz"
+    proc = brainmirror("run", str(study), "--model", str(model), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "sub-00_T1w_result.json").read_text())
+    assert result["verdict"] in ("normal", "abnormal")
+    anomaly = nib.load(str(tmp_path / "out" / "sub-00_T1w_anomaly.nii.gz"))
+    source = nib.load(str(study))
+    assert anomaly.shape == source.shape and np.allclose(anomaly.affine, source.affine)
+    assert len(result["slice_scores"]) == source.shape[0]

@@ -1,0 +1,140 @@
+"""Unit tests of the computing core: geometry, masking, scoring, calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from brainmirror import preprocess
+from brainmirror.detector import Detector, slice_volume
+from brainmirror.networks import Reconstructor, checkerboard, training_mask
+from brainmirror.training import position_statistics, threshold_at_fpr
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
+requires_model = pytest.mark.skipif(not (MODEL_DIR / "brainmirror" / "configs" / "metadata.json").exists(),
+                                    reason="the shipped model bundle is not in models/ yet")
+
+
+def _template_head(affine: np.ndarray) -> nib.Nifti1Image:
+    """The MNI template as a native volume with the given voxel-to-world affine."""
+    image, _ = preprocess.template()
+    return nib.Nifti1Image(image * 1000.0, affine)
+
+
+def test_checkerboard_masks_never_cover_a_pixel_and_its_mirror():
+    for phase in (0, 1):
+        mask = checkerboard(phase)
+        assert not (mask.astype(bool) & mask[::-1].astype(bool)).any()
+    assert np.array_equal(checkerboard(0) + checkerboard(1), np.ones_like(checkerboard(0)))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        mask = training_mask(rng).astype(bool)
+        assert mask.any() and not (mask & mask[::-1]).any()
+
+
+def test_canonical_space_is_mirror_symmetric_about_the_template_midline():
+    image, mask = preprocess.template()
+    assert np.array_equal(mask, mask[::-1])
+    centre_x = preprocess.CANONICAL_AFFINE @ np.array([(preprocess.SHAPE[0] - 1) / 2, 0, 0, 1])
+    assert centre_x[0] == pytest.approx(0.0)  # x = 0 mm is the mid-sagittal plane
+
+
+def test_known_rigid_transform_is_recovered_and_maps_round_trip():
+    """Register the template moved by a known rotation/shift; the estimate must undo it."""
+    rotation = np.eye(4)
+    rotation[:3, :3] = Rotation.from_euler("xyz", [6, -4, 8], degrees=True).as_matrix()
+    rotation[:3, 3] = [4.0, -6.0, 3.0]
+    moved = _template_head(rotation @ preprocess.CANONICAL_AFFINE)
+    canonical = preprocess.canonicalise(moved)
+    # canonical mm -> native mm must equal the transform we applied (within 1.5 mm over the brain)
+    points = np.argwhere(canonical.mask)[::50]
+    world = preprocess.CANONICAL_AFFINE[:3, :3] @ points.T + preprocess.CANONICAL_AFFINE[:3, 3:4]
+    estimated = canonical.canonical_to_native_mm[:3, :3] @ world + canonical.canonical_to_native_mm[:3, 3:4]
+    expected = rotation[:3, :3] @ world + rotation[:3, 3:4]
+    assert np.linalg.norm(estimated - expected, axis=0).mean() < 1.5
+    # a native map taken to canonical space and back is unchanged inside the brain
+    native = np.zeros(moved.shape, np.float32)
+    native[20:40, 30:60, 25:45] = 1.0
+    back = canonical.to_native(canonical.to_canonical(native, order=0), order=0)
+    inside = canonical.native_mask
+    assert (back[inside] == native[inside]).mean() > 0.97
+
+
+def test_preprocessing_rejects_volumes_without_content():
+    with pytest.raises(preprocess.PreprocessingError):
+        preprocess.canonicalise(nib.Nifti1Image(np.zeros((64, 64, 40), np.float32), np.eye(4)))
+    with pytest.raises(preprocess.PreprocessingError):
+        preprocess.canonicalise(nib.Nifti1Image(np.ones((64, 64, 1), np.float32), np.eye(4)))
+
+
+def test_threshold_at_fpr_gives_the_requested_false_positive_rate():
+    values = np.random.default_rng(1).normal(size=4000)
+    for fpr in (0.01, 0.05, 0.2):
+        threshold = threshold_at_fpr(values, fpr)
+        assert abs((values > threshold).mean() - fpr) <= 1 / len(values) + 1e-12
+
+
+def test_position_statistics_pool_neighbouring_slices():
+    z = [np.arange(80)] * 10
+    values = [np.full(80, 2.0) + 0.1 * i for i in range(10)]
+    mean, std = position_statistics(values, z)
+    assert mean[40] == pytest.approx(2.45)
+    assert std[40] == pytest.approx(np.std([2.0 + 0.1 * i for i in range(10)]))
+
+
+@requires_model
+def test_mahalanobis_matches_direct_numpy_computation():
+    detector = Detector.load(MODEL_DIR)
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(5, detector.normative["embedding_mean"].shape[0])).astype(np.float32)
+    mean = detector.normative["embedding_mean"].astype(np.float64)
+    precision = detector.normative["embedding_precision"].astype(np.float64)
+    expected = [np.sqrt((e - mean) @ precision @ (e - mean)) for e in embeddings.astype(np.float64)]
+    image, mask = preprocess.template()
+    canonical = preprocess.Canonical(image, mask, preprocess.SHAPE, preprocess.CANONICAL_AFFINE, np.eye(4), mask, "template")
+    slices = slice_volume(canonical)
+    maps = detector.reconstruct(slices)
+    n = 5
+    sub = type(slices)(slices.image[:n], slices.mask[:n], slices.z[:n])
+    sub_maps = type(maps)(*(getattr(maps, f)[:n] for f in maps.__dataclass_fields__))
+    features = detector.slice_features(sub, sub_maps, embeddings)
+    np.testing.assert_allclose(features["vae"], expected, rtol=1e-3)
+
+
+@requires_model
+def test_symmetry_masked_reconstruction_removes_a_one_sided_lesion():
+    """A bright blob in the left hemisphere is rebuilt as healthy tissue from its mirror."""
+    detector = Detector.load(MODEL_DIR)
+    image, mask = preprocess.template()
+    lesioned = image.copy()
+    xx, yy, zz = np.meshgrid(*map(np.arange, image.shape), indexing="ij")
+    blob = ((xx - 30) ** 2 + (yy - 60) ** 2 + (zz - 45) ** 2) <= 5**2  # 10 voxels (20 mm) wide, left side
+    lesioned[blob] = 1.6
+    canonical = preprocess.Canonical(lesioned, mask, preprocess.SHAPE, preprocess.CANONICAL_AFFINE, np.eye(4), mask, "template")
+    slices = slice_volume(canonical)
+    maps = detector.reconstruct(slices)
+    k = int(np.flatnonzero(slices.z == 45)[0])
+    blob2d = blob[:, :, 45]
+    recon = maps.reconstruction[k]
+    lesion_error = np.abs(lesioned[:, :, 45] - image[:, :, 45])[blob2d].mean()
+    recon_error = np.abs(recon - image[:, :, 45])[blob2d].mean()
+    assert recon_error < 0.35 * lesion_error  # the lesion is (mostly) gone from the reconstruction
+    # the voxel anomaly score is high on the blob and lower on its mirror (the ghost is suppressed)
+    score = maps.voxel_score[k]
+    assert np.median(score[blob2d]) > 2 * max(np.median(score[blob2d[::-1]]), 1.0)
+
+
+def test_reconstructor_withholds_the_mirror_when_asked():
+    torch.manual_seed(0)
+    net = Reconstructor((4, 4, 8, 8, 16, 4)).eval()
+    x = torch.rand(2, 1, 96, 112)
+    m = torch.from_numpy(checkerboard(0))[None, None].expand(2, -1, -1, -1)
+    with torch.no_grad():
+        a = net(x, m, torch.tensor([1.0, 0.0]))
+        b = net(x, m, torch.tensor([0.0, 0.0]))
+    assert torch.allclose(a[1], b[1]) and not torch.allclose(a[0], b[0])

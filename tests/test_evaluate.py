@@ -1,0 +1,74 @@
+"""Evaluation metrics against hand-computed cases, and a small end-to-end evaluation run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from brainmirror.evaluate import binary_metrics, bootstrap_ci, dice, size_bin
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_binary_metrics_by_hand():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.9, 0.4, 0.8, 0.85, 0.95])
+    m = binary_metrics(labels, scores, threshold=0.5)
+    # predicted positive: 0.9 (healthy), 0.8, 0.85, 0.95 -> TP 3, FP 1, TN 3, FN 1
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["fpr"] == pytest.approx(1 / 4)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    # AUROC by hand: of 16 (lesion, healthy) pairs, the lesion scores higher in 14
+    assert m["auroc"] == pytest.approx(14 / 16)
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert m["auprc"] == pytest.approx(average_precision_score(labels, scores))
+
+
+def test_dice_by_hand():
+    a = np.zeros(10, bool)
+    b = np.zeros(10, bool)
+    a[:4] = True
+    b[2:6] = True
+    assert dice(a, b) == pytest.approx(2 * 2 / 8)
+    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(40), np.ones(40)].astype(int)
+    scores = np.r_[rng.normal(0, 1, 40), rng.normal(1.5, 1, 40)]
+    ci = bootstrap_ci(labels, scores, threshold=0.5, n=300)
+    auroc = roc_auc_score(labels, scores)
+    assert ci["auroc"][0] < auroc < ci["auroc"][1]
+    assert ci == bootstrap_ci(labels, scores, threshold=0.5, n=300)
+
+
+def test_size_bins():
+    assert size_bin(5) == "0-10 mm"
+    assert size_bin(10) == "10-20 mm"
+    assert size_bin(75) == ">=40 mm"
+    assert size_bin(None) == "n/a"
+
+
+@pytest.mark.slow
+def test_evaluate_command_writes_a_full_report(tmp_path):
+    cmd = [sys.executable, "-m", "brainmirror", "evaluate", "--name", "ci", "--reports", str(tmp_path),
+           "--validation", "2", "--healthy", "2", "--per-kind", "1", "--kinds", "tumour,small", "--quiet"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = tmp_path / "ci"
+    for name in ("metrics.json", "summary.md", "cases.json", "roc_pr.png", "dice_by_size.png", "gallery.png"):
+        assert (report / name).stat().st_size > 0, name
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["study"]) >= {"mse", "symmetry", "vae", "combined", "baseline-context", "baseline-flip"}
+    assert metrics["study"]["combined"]["n"] == 4 and metrics["study"]["combined"]["n_positive"] == 2
+    assert 0.0 <= metrics["voxel"]["auprc"] <= 1.0
+    assert set(metrics["breakdown"]["kind"]) == {"tumour", "small"}
+    assert "SYNTHETIC" in (report / "summary.md").read_text()
