@@ -162,7 +162,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         description = (f"SYNTHETIC lesion suite: {args.healthy} healthy + {args.per_kind} x {len(kinds)} lesion kinds, "
                        "virtual cohort from MNI152 and Colin27 anatomy; not real patients.")
     out = Path(args.reports) / args.name
-    metrics = evaluate(detector, validation, test, out, description, args.study_fpr, args.voxel_fpr, progress=not args.quiet)
+    cache = None if args.data or args.validation_data else args.work / "evaluation-cache"
+    metrics = evaluate(detector, validation, test, out, description, args.study_fpr, args.voxel_fpr,
+                       progress=not args.quiet, cache=cache)
     print((out / "summary.md").read_text())
     print(f"report written to {out}")
     return 0 if metrics else 1
@@ -273,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-data", type=Path, default=None, help="real healthy validation studies for thresholds")
     p.add_argument("--study-fpr", type=float, default=0.05, help="study-level healthy FPR for the threshold (default 0.05)")
     p.add_argument("--voxel-fpr", type=float, default=0.01, help="voxel-level healthy FPR for the threshold (default 0.01)")
+    p.add_argument("--work", type=Path, default=Path("work"),
+                   help="cache of preprocessed synthetic cases, reused by later runs (default ./work)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
     return parser

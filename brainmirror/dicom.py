@@ -85,24 +85,45 @@ _DISCLAIMER = f"{ALGORITHM_NAME} - {NOT_FOR_CLINICAL_USE}"
 # --- reading -----------------------------------------------------------------------------
 
 
-def read_series(datasets: Sequence[Dataset]) -> hd.Volume:
+# Bounds the memory of a run: its peak is about 1.6 GB + 22 bytes per voxel of the series
+# (docs/bad-input.md), so about 4.6 GB at this limit (134 million voxels, e.g. 512 x 512 x 512).
+MAX_SERIES_VOXELS = 128 * 1024 * 1024
+_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+
+
+def read_series(datasets: Sequence[Dataset], max_voxels: int = MAX_SERIES_VOXELS) -> hd.Volume:
     """Build the float32 volume (rescale applied) of one single-frame series.
 
     A single enhanced multi-frame dataset is accepted too. Raises ``ValueError`` with a
-    one-line message when the datasets do not form a regularly spaced 3D volume.
+    one-line message when the datasets do not form a regularly spaced 3D volume, or hold
+    more than ``max_voxels`` voxels (checked on the headers, before any pixel is decoded).
     """
     items = list(datasets)
     if not items:
         raise ValueError("cannot form a volume: no datasets given")
     try:
-        if len(items) == 1 and int(items[0].get("NumberOfFrames", 1) or 1) > 1:
+        voxels = sum(int(ds.Rows) * int(ds.Columns) * max(int(ds.get("NumberOfFrames") or 1), 1) for ds in items)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"cannot form a volume: no usable image size ({' '.join(str(e).split())})") from e
+    if voxels > max_voxels:
+        raise ValueError(f"cannot form a volume: the series is too large ({voxels / 1e6:.0f} million voxels, "
+                         f"at most {max_voxels / 1e6:.0f} million are read)")
+    multiframe = len(items) == 1 and int(items[0].get("NumberOfFrames", 1) or 1) > 1
+    missing = [] if multiframe else [k for k in _GEOMETRY if any(k not in ds for ds in items)]
+    if missing:
+        raise ValueError(f"cannot form a volume: the images do not say where they are ({', '.join(missing)} missing)")
+    try:
+        if multiframe:
             volume = hd.Image.from_dataset(items[0], copy=False).get_volume(dtype=np.float32)
         else:
             volume = hd.get_volume_from_series(items, dtype=np.float32)
-    except (ValueError, AttributeError, KeyError, TypeError, IndexError, RuntimeError,
-            NotImplementedError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
+    except Exception as e:  # the headers and pixel data are untrusted input; decoders raise many kinds
+        message = " ".join(str(e).split())[:300] or type(e).__name__
         raise ValueError(f"cannot form a volume: {message}") from e
+    except BaseException as e:  # a Rust decoder's panic (pyo3 PanicException) is no Exception
+        if type(e).__name__ != "PanicException":
+            raise
+        raise ValueError(f"cannot form a volume: the pixel data cannot be decoded ({type(e).__name__})") from e
     if volume.array.ndim != 3:
         raise ValueError("cannot form a volume: the series is not a grayscale image series")
     return volume

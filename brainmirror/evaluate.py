@@ -66,7 +66,7 @@ def synthetic_cases(stream: str, healthy: int, per_kind: int, kinds: tuple[str, 
             subject = make_subject(anatomy, subject_rng(stream, index), contrast=contrast, lesion_kind=kind)
             return subject.image, subject.lesion_mask, subject.meta
 
-        yield f"{kind or 'healthy'}-{index:03d}-{anatomy}-{contrast}", load
+        yield f"{kind or 'healthy'}-{stream}-{index:03d}-{anatomy}-{contrast}", load
 
 
 def folder_cases(root: Path, healthy_root: Path | None) -> Iterator[tuple[str, callable]]:
@@ -99,22 +99,42 @@ def method_slice_scores(detector: Detector, slices: Slices, maps: DifferenceMaps
     return scores
 
 
-def score_case(detector: Detector, name: str, image, truth, meta: dict, rng: np.random.Generator, keep_example: bool) -> Case | None:
+def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarray, dict] | None:
+    """Canonical slices, canonical lesion truth per slice and metadata of one case (cached)."""
+    path = cache / f"{name}.npz" if cache else None
+    if path is not None and path.exists():
+        with np.load(path) as data:
+            return (Slices(data["image"], data["mask"], data["z"]), data["truth"],
+                    json.loads(str(data["meta"])))
+    image, truth, meta = load()
     try:
         canonical = canonicalise(image)
     except PreprocessingError as error:
         log.warning("%s not assessed: %s", name, error)
         return None
     slices = slice_volume(canonical)
-    maps = detector.reconstruct(slices)
-    scores = method_slice_scores(detector, slices, maps)
     truth_canonical = np.zeros(canonical.image.shape, bool)
     if truth is not None:
         truth_canonical = canonical.to_canonical(truth.astype(np.float32)) > 0.5
     truth_slices = truth_canonical[:, :, slices.z].transpose(2, 0, 1) & slices.mask
+    meta = dict(meta, lesion=truth is not None and bool(np.any(truth)))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, image=slices.image, mask=slices.mask, z=slices.z, truth=truth_slices,
+                            meta=json.dumps(meta, default=float))
+        tmp.replace(path)
+    return slices, truth_slices, meta
+
+
+def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np.ndarray, meta: dict,
+                 rng: np.random.Generator, keep_example: bool) -> Case:
+    maps = detector.reconstruct(slices)
+    scores = method_slice_scores(detector, slices, maps)
     voxel = maps.voxel_score[slices.mask]
     voxel_truth = truth_slices[slices.mask]
-    if truth is None and len(voxel) > VOXEL_SAMPLE:  # healthy voxels: a seeded subsample suffices
+    label = int(meta.get("lesion", False))
+    if not label and len(voxel) > VOXEL_SAMPLE:  # healthy voxels: a seeded subsample suffices
         keep = rng.choice(len(voxel), VOXEL_SAMPLE, replace=False)
         voxel, voxel_truth = voxel[keep], voxel_truth[keep]
     example = None
@@ -123,25 +143,27 @@ def score_case(detector: Detector, name: str, image, truth, meta: dict, rng: np.
         example = {"image": slices.image[k], "reconstruction": maps.reconstruction[k], "difference": maps.residual[k],
                    "anomaly": maps.voxel_score[k], "truth": truth_slices[k]}
     return Case(
-        name=name, label=int(truth is not None and bool(np.any(truth))),
-        kind=name.split("-")[0], meta=meta,
+        name=name, label=label, kind=name.split("-")[0], meta=meta,
         study={m: _top_mean(s) for m, s in scores.items()},
         slice_scores=scores, slice_labels=(truth_slices.sum(axis=(1, 2)) >= LESION_SLICE_VOXELS).astype(int),
         voxel_scores=voxel.astype(np.float32), voxel_truth=voxel_truth, example=example,
     )
 
 
-def score_cases(detector: Detector, sources, desc: str, progress: bool, examples: int = 0) -> list[Case]:
+def score_cases(detector: Detector, sources, desc: str, progress: bool, cache: Path | None = None,
+                examples: int = 0) -> list[Case]:
     cases, rng = [], np.random.default_rng(0)
     seen_kinds: set[str] = set()
     for name, load in tqdm(list(sources), desc=desc, disable=not progress, unit="study"):
-        image, truth, meta = load()
+        prepared = prepare_case(name, load, cache)
+        if prepared is None:
+            continue
         kind = name.split("-")[0]
-        case = score_case(detector, name, image, truth, meta, rng, keep_example=kind not in seen_kinds and len(seen_kinds) < examples)
-        if case is not None:
-            cases.append(case)
-            if case.example is not None:
-                seen_kinds.add(kind)
+        keep = kind not in seen_kinds and len(seen_kinds) < examples
+        case = score_slices(detector, name, *prepared, rng, keep_example=keep)
+        cases.append(case)
+        if case.example is not None:
+            seen_kinds.add(kind)
     return cases
 
 
@@ -351,13 +373,16 @@ def summary_markdown(metrics: dict, description: str) -> str:
 
 
 def evaluate(detector: Detector, calibration_sources, test_sources, out: Path, description: str,
-             study_fpr: float = 0.05, voxel_fpr: float = 0.01, progress: bool = True) -> dict:
-    """Calibrate on healthy validation studies, score the test studies, write the report."""
-    validation = score_cases(detector, calibration_sources, "validation (healthy)", progress)
+             study_fpr: float = 0.05, voxel_fpr: float = 0.01, progress: bool = True, cache: Path | None = None) -> dict:
+    """Calibrate on healthy validation studies, score the test studies, write the report.
+
+    ``cache``: folder for preprocessed cases, so a rerun (e.g. of another model) skips preprocessing.
+    """
+    validation = score_cases(detector, calibration_sources, "validation (healthy)", progress, cache)
     if len(validation) < 2:
         raise ValueError("need at least 2 healthy validation studies for thresholds")
     thresholds = thresholds_from_healthy(validation, study_fpr, voxel_fpr)
-    tested = score_cases(detector, test_sources, "test", progress, examples=8)
+    tested = score_cases(detector, test_sources, "test", progress, cache, examples=8)
     healthy = [c for c in tested if c.label == 0]
     lesions = [c for c in tested if c.label == 1]
     metrics = compute_metrics(healthy, lesions, thresholds)

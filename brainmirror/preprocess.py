@@ -107,7 +107,7 @@ def _to_sitk(array: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
     return image
 
 
-def register_rigid(moving: np.ndarray, moving_affine: np.ndarray, seed: int = 0) -> np.ndarray:
+def register_rigid(moving: np.ndarray, moving_affine: np.ndarray, seed: int = 1) -> np.ndarray:
     """Rigidly register a (brain-masked) volume to the symmetric template.
 
     Returns the 4x4 transform from canonical RAS mm to the moving volume's RAS mm.
@@ -116,21 +116,24 @@ def register_rigid(moving: np.ndarray, moving_affine: np.ndarray, seed: int = 0)
     fixed_image, fixed_mask = template()
     fixed = _to_sitk(fixed_image, CANONICAL_AFFINE)
     moving_sitk = _to_sitk(moving, moving_affine)
+    factors = [max(1, int(SPACING_MM // s)) for s in moving_sitk.GetSpacing()]
+    if max(factors) > 1:  # register at about the template's 2 mm: several times faster, as accurate
+        moving_sitk = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving_sitk, SPACING_MM / 2), factors)
     initial = sitk.CenteredTransformInitializer(
         fixed, moving_sitk, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetMetricSamplingPercentage(0.1, seed)  # a fixed seed (0 would mean "wall clock")
     reg.SetMetricFixedMask(_to_sitk(fixed_mask.astype(np.float32), CANONICAL_AFFINE) > 0.5)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=120, relaxationFactor=0.6
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 0.0])
+    reg.SetShrinkFactorsPerLevel([4, 2])
+    reg.SetSmoothingSigmasPerLevel([4.0, 2.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(initial, inPlace=False)
     transform = reg.Execute(fixed, moving_sitk)

@@ -256,8 +256,12 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
 
 # -- calibration ---------------------------------------------------------------------------
 def threshold_at_fpr(healthy_values: np.ndarray, fpr: float) -> float:
-    """The threshold that a fraction ``fpr`` of healthy values exceed (``score > threshold``)."""
-    return float(np.quantile(np.asarray(healthy_values, dtype=float), 1 - fpr))
+    """The lowest healthy value that at most a fraction ``fpr`` of healthy values exceed.
+
+    Scores above the threshold are abnormal; on the healthy values themselves the observed
+    false-positive rate is the largest achievable one that does not exceed ``fpr``.
+    """
+    return float(np.quantile(np.asarray(healthy_values, dtype=float), 1 - fpr, method="higher"))
 
 
 def healthy_scores(detector: Detector, studies: list[Slices], progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -2,6 +2,7 @@
 
 from .common import DetectorProvider, ExitCode, RunStatus, SourceStudy, bundle_exists, timed
 from .embedding import EmbeddingOperator
+from .loader import StudyLoaderOperator
 from .preprocess import PreprocessOperator
 from .reconstruction import ReconstructionOperator
 from .scoring import ScoringOperator
@@ -22,6 +23,7 @@ __all__ = [
     "ScoringOperator",
     "SlicerOperator",
     "SourceStudy",
+    "StudyLoaderOperator",
     "bundle_exists",
     "load_rules",
     "timed",

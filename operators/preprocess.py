@@ -24,7 +24,8 @@ class PreprocessOperator(Operator):
     voxel-exactly onto the source instances, which the highdicom Volume built from those very
     instances (``brainmirror.dicom.read_series``) guarantees.
 
-    One study per run: the first study with a selected series (else the first study).
+    Runs once per study: the loader emits the input's studies one at a time. Of the series the
+    selector chose, the first (best rule, then most frames) is used.
 
     Named inputs:
         dicom_study_list: list[DICOMStudy], from the DICOM loader.
@@ -57,8 +58,6 @@ class PreprocessOperator(Operator):
         selection = next((s for s in selections if s.selected_series), None)
         study = selection.study if selection is not None else studies[0]
         uid = str(study.StudyInstanceUID)
-        if len(studies) > 1:
-            log.warning("The input holds %d studies; only study %s is assessed", len(studies), uid)
         if selection is None:
             datasets = [sop.get_native_sop_instance() for series in study.get_all_series()
                         for sop in series.get_sop_instances()]

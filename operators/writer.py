@@ -16,12 +16,15 @@ log = logging.getLogger(__name__)
 
 
 class AssessmentWriterOperator(Operator):
-    """Writes the results into the source study and records the run's exit code in ``status``.
+    """Writes the results into the source study and records the study's exit code in ``status``.
 
-    SR, SEG and key images are written together, by one call, because the SR references the
-    SEG's and key images' UIDs, and a failed run must leave no partial output: all files appear
-    in the output folder or none do. A NotAssessed outcome gets a "not assessed" SR (when the
-    input held DICOM instances to reference) and exit code 3; no DICOM input gets exit code 2.
+    Runs once per study. Every study's objects go into the output folder, each object in its
+    own study (its StudyInstanceUID), so that a PACS files them where they belong. SR, SEG and
+    key images are written together, by one call, because the SR references the SEG's and key
+    images' UIDs, and a failed run must leave no partial output: all files of a study appear in
+    the output folder or none do (under ``status.lock``, which the timeout watchdog takes too).
+    A NotAssessed outcome gets a "not assessed" SR (when the input held DICOM instances to
+    reference) and exit code 3; no DICOM input gets exit code 2.
 
     Named inputs: study (SourceStudy), assessment (Assessment | NotAssessed).
     """
@@ -48,9 +51,10 @@ class AssessmentWriterOperator(Operator):
                 self._assessed(study, outcome)
 
     def _assessed(self, study: SourceStudy, assessment: Assessment) -> None:
-        paths = write_assessment(study.datasets, study.volume, assessment, self._output_folder,
-                                 algorithm_version=self._algorithm_version)
-        self._status.outputs, self._status.exit_code = paths, ExitCode.ASSESSED
+        with self._status.lock:
+            paths = write_assessment(study.datasets, study.volume, assessment, self._output_folder,
+                                     algorithm_version=self._algorithm_version)
+            self._status.record(study.study_instance_uid, ExitCode.ASSESSED, paths)
         log.info(
             "Study %s assessed: %s, anomaly score %.6g (threshold %.6g, %s), %d finding(s); wrote %d files to %s",
             study.study_instance_uid, assessment.verdict, assessment.study_score, assessment.threshold,
@@ -59,11 +63,12 @@ class AssessmentWriterOperator(Operator):
 
     def _not_assessed(self, study: SourceStudy, outcome: NotAssessed) -> None:
         if not study.datasets:
-            self._status.exit_code = ExitCode.USAGE
+            self._status.record(None, ExitCode.USAGE, [])
             log.error("Nothing to assess: %s (%s)", outcome.reason, outcome.code)
             return
-        paths = write_not_assessed(study.datasets, outcome, self._output_folder,
-                                   algorithm_version=self._algorithm_version)
-        self._status.outputs, self._status.exit_code = paths, ExitCode.NOT_ASSESSED
+        with self._status.lock:
+            paths = write_not_assessed(study.datasets, outcome, self._output_folder,
+                                       algorithm_version=self._algorithm_version)
+            self._status.record(study.study_instance_uid, ExitCode.NOT_ASSESSED, paths)
         log.warning("Study %s NOT ASSESSED (%s): %s Wrote a not-assessed SR to %s",
                     study.study_instance_uid, outcome.code, outcome.reason, self._output_folder)

@@ -60,7 +60,7 @@ def test_size_bins():
 @pytest.mark.slow
 def test_evaluate_command_writes_a_full_report(tmp_path):
     cmd = [sys.executable, "-m", "brainmirror", "evaluate", "--name", "ci", "--reports", str(tmp_path),
-           "--validation", "2", "--healthy", "2", "--per-kind", "1", "--kinds", "tumour,small", "--quiet"]
+           "--validation", "2", "--healthy", "2", "--per-kind", "1", "--kinds", "tumour,small", "--work", str(tmp_path / "work"), "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = tmp_path / "ci"

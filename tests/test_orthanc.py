@@ -147,6 +147,34 @@ def test_commands(tmp_path):
         assert part in joined
 
 
+def test_workflow_manager_definition_matches_the_orthanc_routing():
+    """deploy/workflow-manager: the MONAI Deploy Workflow Manager variant of the same routing."""
+    workflow = json.loads((REPO / "deploy" / "workflow-manager" / "brainmirror-workflow.json").read_text())
+    tasks = {task["id"]: task for task in workflow["tasks"]}
+    assert len(tasks) == len(workflow["tasks"]) and len(workflow["name"]) <= 15
+    router = workflow["tasks"][0]  # the first task runs first
+    assert router["type"] == "router"
+    condition = " ".join(router["task_destinations"][0]["conditions"])
+    assert "('0008','0060') }} == 'MR'" in condition and "('0018','0015') }} == 'BRAIN'" in condition
+    gateway = set(workflow["informatics_gateway"]["export_destinations"])
+    for task in workflow["tasks"]:
+        for destination in task.get("task_destinations", []):
+            assert destination["name"] in tasks
+        for destination in task.get("export_destinations", []):
+            assert destination["name"] in gateway
+    routes = {d["name"]: " ".join(d["conditions"]) for d in tasks["brainmirror"]["task_destinations"]}
+    verdicts = {"abnormal": "export-priority", "normal": "export-results", "not-assessed": "export-review",
+                "error": "export-review"}
+    for verdict, task_id in verdicts.items():
+        assert "result.verdict }} == '" + verdict + "'" in routes[task_id]
+    assert tasks["export-priority"]["export_destinations"] == [{"name": "PRIORITY"}]
+    assert tasks["export-review"]["export_destinations"] == [{"name": "REVIEW"}]
+    template = (REPO / "deploy" / "workflow-manager" / "argo-workflow-template.yaml").read_text()
+    assert f"name: {tasks['brainmirror']['args']['workflow_template_name']}\n" in template
+    for artifact in ("input-dicom", "brainmirror-output"):
+        assert f"- name: {artifact}\n" in template
+
+
 # --- integration test with real Orthanc processes ---------------------------------------------------
 
 needs_orthanc = pytest.mark.skipif(

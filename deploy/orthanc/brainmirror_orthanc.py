@@ -52,7 +52,7 @@ DEFAULTS = {
     "Docker": "docker",
     "DockerImage": "brainmirror-map:latest",
     "DockerArguments": [],  # e.g. ["--gpus", "all"] with a CUDA image and the NVIDIA container toolkit
-    "DockerUser": "auto",  # "auto": the Orthanc process's uid:gid (so it can read the results); "" keeps the image's
+    "DockerUser": "auto",  # "auto": Orthanc's uid:gid (the image's own user when Orthanc runs as root); "": the image's
     "Environment": {},  # extra environment variables for the application (e.g. OMP_NUM_THREADS)
     "TimeoutSeconds": 1800,
     "WorkDirectory": "",  # "": a folder "brainmirror" next to Orthanc's storage; the study's files live here while it runs
@@ -209,8 +209,8 @@ def command(settings: dict, input_dir: Path, output_dir: Path, name: str) -> lis
         cmd = [settings["Docker"], "run", "--rm", "--name", name, "--network", "none",
                "--ulimit", "stack=33554432", "--security-opt", "no-new-privileges"]
         user = settings["DockerUser"]
-        if user == "auto":
-            user = f"{os.getuid()}:{os.getgid()}"
+        if user == "auto":  # Orthanc's own uid:gid, but never root: then the image's non-root user
+            user = f"{os.getuid()}:{os.getgid()}" if os.getuid() != 0 else ""
         if user:
             cmd += ["--user", user]
         for key, value in settings["Environment"].items():
