@@ -204,8 +204,9 @@ def canonicalise(image: nib.Nifti1Image) -> Canonical:
     clock = time.perf_counter()
     canonical_to_native_vox = np.linalg.inv(affine) @ to_canonical @ CANONICAL_AFFINE
     canonical = resample(data, canonical_to_native_vox, SHAPE, order=1)
-    if native_mask is None:
-        mask = template()[1].copy()
+    if native_mask is None:  # the template's brain, where the input's field of view covers it
+        field_of_view = resample(np.ones(image.shape, np.float32), canonical_to_native_vox, SHAPE, order=0) > 0.5
+        mask = template()[1] & field_of_view
         native_to_canonical_vox = np.linalg.inv(canonical_to_native_vox)
         native_mask = resample(mask, native_to_canonical_vox, image.shape, order=0) > 0.5
     else:

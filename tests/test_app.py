@@ -106,8 +106,10 @@ def _code(item: pydicom.Dataset, sequence: str) -> tuple[str, str]:
 
 
 def sr_finding(ds: pydicom.Dataset) -> tuple[str, str]:
-    (value,) = [_code(i, "ConceptCodeSequence") for i in _sr_items(ds)
-                if i.ValueType == "CODE" and _code(i, "ConceptNameCodeSequence") == FINDING]
+    """The study-level verdict: the one Finding whose value is Normal or Abnormal (findings add "Lesion")."""
+    (value,) = [code for code in (_code(i, "ConceptCodeSequence") for i in _sr_items(ds)
+                                  if i.ValueType == "CODE" and _code(i, "ConceptNameCodeSequence") == FINDING)
+                if code in VERDICTS]
     return value
 
 

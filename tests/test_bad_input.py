@@ -818,10 +818,7 @@ def test_batch_run_exit_code_and_log(batch: Batch) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=pytest.mark.xfail(
-        strict=True, reason="canonicalise keeps the whole template brain mask when deepbet fails, so its "
-                            "field-of-view check never fires (brainmirror/preprocess.py)"))
-     if c.name == "no-brain-in-view" else c for c in CASES],
+    CASES,
     ids=lambda c: c.name,
 )
 def test_batch_study_outcome(case: Case, batch: Batch) -> None:
