@@ -33,6 +33,7 @@ APP = REPO / "app.py"
 RULES = REPO / "operators" / "series_selection.json"
 STAGES = ("Preprocess", "Slicer", "Reconstruction", "Embedding", "Scoring", "Writer")
 FINDING = ("121071", "DCM")
+LESION = ("52988006", "SCT")  # the Finding value of each anomaly region
 VERDICTS = {("263654008", "SCT"): "abnormal", ("17621005", "SCT"): "normal"}
 NOT_ASSESSED = ("NOTASSESSED", "99BRAINMIRROR")
 SUMMARY = re.compile(r"assessed: (abnormal|normal), anomaly score (\S+) \(threshold \S+, \w+\), (\d+) finding")
@@ -106,10 +107,10 @@ def _code(item: pydicom.Dataset, sequence: str) -> tuple[str, str]:
 
 
 def sr_finding(ds: pydicom.Dataset) -> tuple[str, str]:
-    """The study-level verdict: the one Finding whose value is Normal or Abnormal (findings add "Lesion")."""
+    """The study-level Finding: Normal, Abnormal or Not assessed (each finding adds a "Lesion" Finding)."""
     (value,) = [code for code in (_code(i, "ConceptCodeSequence") for i in _sr_items(ds)
                                   if i.ValueType == "CODE" and _code(i, "ConceptNameCodeSequence") == FINDING)
-                if code in VERDICTS]
+                if code != LESION]
     return value
 
 
