@@ -9,7 +9,7 @@ rm -rf demo/input demo/output
 ulimit -s 32768 2>/dev/null || true  # holoscan wants a 32 MB stack
 .venv/bin/python app.py -i demo/input -o demo/output -m models
 echo
-echo "== DICOM SR written by brainmirror (dsrdump) =="
-dsrdump demo/output/SR_*.dcm | grep -E "Finding|Anomaly score|threshold|false positive|Volume|ml" | head -20
+echo "== DICOM SR written by brainmirror (dsrdump, first lines of the study-level results) =="
+dsrdump demo/output/SR_*.dcm 2>/dev/null | grep -E '"(Finding|Anomaly score|Anomaly score threshold|Study-level false positive rate|Volume)"' | head -8 || true
 echo
 echo "outputs in demo/output:"; ls demo/output
