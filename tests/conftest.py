@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,8 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # app.py, operators/ and brainmirror/ live at the repository root
     sys.path.insert(0, str(REPO))
 SHIPPED_MODELS = REPO / "models"
-# Until the shipped weights exist, a small calibrated bundle (verdicts meaningless, pipeline real).
-FALLBACK_MODELS = Path(os.environ.get("BRAINMIRROR_TEST_MODELS", "/tmp/m1"))
 
 
 def shipped_weights() -> bool:
@@ -23,11 +20,7 @@ def shipped_weights() -> bool:
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    """The app's models folder: ``models/`` with the shipped weights, else the test bundle."""
-    if shipped_weights():
-        return SHIPPED_MODELS
-    if (FALLBACK_MODELS / "configs" / "metadata.json").is_file() or (
-        FALLBACK_MODELS / "brainmirror" / "configs" / "metadata.json"
-    ).is_file():
-        return FALLBACK_MODELS
-    pytest.skip("no model bundle: train into models/brainmirror or set BRAINMIRROR_TEST_MODELS")
+    """The app's models folder with the shipped, calibrated weights."""
+    if not shipped_weights():
+        pytest.fail("no model bundle in models/brainmirror: see the README's training command")
+    return SHIPPED_MODELS
