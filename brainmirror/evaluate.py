@@ -87,10 +87,6 @@ def folder_cases(root: Path, healthy_root: Path | None) -> Iterator[tuple[str, c
 
 
 # -- scoring -------------------------------------------------------------------------------
-def _top_mean(values: np.ndarray) -> float:
-    return Detector.study_score(values)
-
-
 def method_slice_scores(detector: Detector, slices: Slices, maps: DifferenceMaps) -> dict[str, np.ndarray]:
     scores = detector.slice_scores(slices, maps, detector.embed(maps))
     count = np.maximum(slices.mask.sum(axis=(1, 2)), 1)
@@ -144,7 +140,7 @@ def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np
                    "anomaly": maps.voxel_score[k], "truth": truth_slices[k]}
     return Case(
         name=name, label=label, kind=name.split("-")[0], meta=meta,
-        study={m: _top_mean(s) for m, s in scores.items()},
+        study={m: Detector.study_score(s) for m, s in scores.items()},
         slice_scores=scores, slice_labels=(truth_slices.sum(axis=(1, 2)) >= LESION_SLICE_VOXELS).astype(int),
         voxel_scores=voxel.astype(np.float32), voxel_truth=voxel_truth, example=example,
     )
