@@ -4,7 +4,7 @@
 # pinned Python requirements. Idempotent: rerunning it is fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(dcmtk dicom3tools mricron-data orthanc orthanc-python orthanc-dicomweb)
+packages=(dcmtk dicom3tools mricron-data orthanc orthanc-python orthanc-dicomweb docker.io debootstrap)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
