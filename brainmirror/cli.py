@@ -14,6 +14,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Current stack size")
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "brainmirror"
+BASELINE_PATH = DEFAULT_MODEL.parent / "baselines" / "raw-vae"
 SYNTHETIC_NOTE = "SYNTHETIC: virtual healthy cohort built from MNI152 2009a sym (nilearn)"
 
 log = logging.getLogger("brainmirror")
@@ -52,9 +53,14 @@ def _training_config(args: argparse.Namespace):
                           seed=args.seed, latent=args.latent, beta=args.beta)
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int, vae_steps: int) -> None:
-    parser.add_argument("--output", type=Path, required=True, help="model bundle folder to write")
-    parser.add_argument("--unet-steps", type=int, default=unet_steps, help=f"U-Net optimisation steps (default {unet_steps})")
+def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | None, vae_steps: int,
+                            output: Path | None = None) -> None:
+    if output is None:
+        parser.add_argument("--output", type=Path, required=True, help="model bundle folder to write")
+    else:
+        parser.add_argument("--output", type=Path, default=output, help=f"folder to write (default {output.relative_to(output.parents[2])})")
+    if unet_steps is not None:
+        parser.add_argument("--unet-steps", type=int, default=unet_steps, help=f"U-Net optimisation steps (default {unet_steps})")
     parser.add_argument("--vae-steps", type=int, default=vae_steps, help=f"Beta-VAE optimisation steps (default {vae_steps})")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per U-Net step (default 16; the VAE uses twice this)")
     parser.add_argument("--latent", type=int, default=1024, help="Beta-VAE latent size (default 1024)")
@@ -68,6 +74,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     sources, description = _sources(args, "train", 48, ("mni",))
     train(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet)
     print(f"model written to {args.output}; calibrate it next: python -m brainmirror calibrate --model {args.output}")
+    return 0
+
+
+def cmd_train_baseline(args: argparse.Namespace) -> int:
+    from .training import train_raw_vae_baseline
+
+    sources, description = _sources(args, "train", 48, ("mni",))
+    train_raw_vae_baseline(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet)
+    print(f"raw-slice VAE baseline written to {args.output}; `brainmirror evaluate` scores it beside the model")
     return 0
 
 
@@ -139,11 +154,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .baselines import RawVAEBaseline
     from .detector import Detector
     from .evaluate import evaluate, folder_cases, synthetic_cases
     from .lesions import LESION_KINDS
 
     detector = Detector.load(args.model)
+    raw_vae = None
+    if args.baseline.exists():
+        raw_vae = RawVAEBaseline.load(args.baseline)
+    else:
+        print(f"note: no raw-slice VAE baseline at {args.baseline}; train it with `brainmirror train-baseline` "
+              "to compare against it", file=sys.stderr)
     if args.quick:
         args.validation, args.healthy, args.per_kind = 6, 4, 1
     kinds = tuple(args.kinds.split(",")) if args.kinds else LESION_KINDS
@@ -164,7 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.reports) / args.name
     cache = None if args.data or args.validation_data else args.work / "evaluation-cache"
     metrics = evaluate(detector, validation, test, out, description, args.study_fpr, args.voxel_fpr,
-                       progress=not args.quiet, cache=cache)
+                       progress=not args.quiet, cache=cache, raw_vae=raw_vae)
     print((out / "summary.md").read_text())
     print(f"report written to {out}")
     return 0 if metrics else 1
@@ -207,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(p, 48, "healthy studies")
     _add_training_arguments(p, 2000, 1500)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-baseline", help="train the raw-slice VAE baseline that evaluate compares against",
+                       description="Train the evaluation baseline 'VAE without reconstruction': the model's Beta-VAE "
+                                   "on raw healthy slices (same studies, cache and split as `train` with the same "
+                                   "seed), with its healthy statistics. `evaluate` scores it beside the model when "
+                                   "it exists. Not part of the deployed application.")
+    _add_data_arguments(p, 48, "healthy studies (the same as for `train`)")
+    _add_training_arguments(p, None, 1500, BASELINE_PATH)
+    p.set_defaults(func=cmd_train_baseline, unet_steps=0)
 
     p = sub.add_parser("finetune", help="adapt a trained bundle to a site's normal studies",
                        description="Continue training a model bundle on a site's own normal studies, refit the "
@@ -261,9 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Calibrate thresholds on healthy validation studies (never lesions), score a test "
                                    "set with every configuration and baseline, and write reports/NAME/ (metrics.json, "
                                    "summary.md, ROC/PR, Dice-by-size and gallery plots). Default: the seeded synthetic "
-                                   "suite (84 studies: over 35 min on 2 CPU cores, preprocessing cached in --work for "
-                                   "reruns); --quick: a few minutes.")
+                                   "suite (84 studies: about 19 min on 2 CPU cores from an empty cache, preprocessing "
+                                   "cached in --work for reruns); --quick: a few minutes.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model bundle (default: the shipped model)")
+    p.add_argument("--baseline", type=Path, default=BASELINE_PATH,
+                   help="raw-slice VAE baseline bundle, scored when present (default models/baselines/raw-vae)")
     p.add_argument("--name", default="synthetic", help="report name: reports/NAME (default synthetic)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default ./reports)")
     p.add_argument("--quick", action="store_true", help="small run for CI: 6 validation, 4 healthy, 1 per lesion kind")

@@ -72,6 +72,12 @@ def slice_volume(canonical: Canonical) -> Slices:
     )
 
 
+def mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Row-wise Mahalanobis distance of ``x`` (n, d) to a distribution given by mean and precision."""
+    delta = x - mean
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", delta, precision, delta), 0))
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -167,15 +173,13 @@ class Detector:
         """Raw (unstandardised) per-slice statistics."""
         brain = slices.mask
         count = np.maximum(brain.sum(axis=(1, 2)), 1)
-        delta = embeddings - self.normative["embedding_mean"]
-        mahalanobis = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", delta, self.normative["embedding_precision"], delta), 0))
         flat = np.where(brain, maps.voxel_score, -np.inf).reshape(len(brain), -1)
         k = np.maximum((count * TOP_VOXEL_FRACTION).astype(int), 10)
         top = np.array([np.sort(row)[-kk:].mean() for row, kk in zip(flat, k)]) if len(flat) else np.zeros(0)
         return {
             "mse": (maps.residual**2).sum(axis=(1, 2)) / count,
             "symmetry": (maps.symmetry**2).sum(axis=(1, 2)) / count,
-            "vae": mahalanobis,
+            "vae": mahalanobis(embeddings, self.normative["embedding_mean"], self.normative["embedding_precision"]),
             "top": top,
         }
 

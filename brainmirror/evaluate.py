@@ -7,7 +7,9 @@ baseline is scored on the same studies in the same run:
 - ``combined``, ``vae``, ``mse``, ``symmetry``: the model's scoring configurations,
 - ``baseline-context``: the same U-Net with the mirror channel withheld (plain masked
   reconstruction residual, an ablation, not a separately trained network),
-- ``baseline-flip``: raw left-right flip difference, no learning, no healthy statistics.
+- ``baseline-flip``: raw left-right flip difference, no learning, no healthy statistics,
+- ``baseline-vae-raw``: the Beta-VAE trained on raw slices, without the reconstruction stage
+  (``brainmirror.baselines``; scored when its bundle exists).
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
+from .baselines import RawVAEBaseline
 from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, slice_volume
 from .preprocess import PreprocessingError, canonicalise
 from .training import threshold_at_fpr
 
 log = logging.getLogger(__name__)
-BASELINES = ("baseline-context", "baseline-flip")
-METHODS = CONFIGURATIONS + BASELINES
 SIZE_BINS_MM = (0, 10, 20, 40, 1000)
 LESION_SLICE_VOXELS = 5  # canonical slices with at least this many lesion voxels count as lesion slices
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per study for thresholds / AUPRC (seeded subsample)
@@ -87,12 +88,24 @@ def folder_cases(root: Path, healthy_root: Path | None) -> Iterator[tuple[str, c
 
 
 # -- scoring -------------------------------------------------------------------------------
-def method_slice_scores(detector: Detector, slices: Slices, maps: DifferenceMaps) -> dict[str, np.ndarray]:
+def method_slice_scores(detector: Detector, slices: Slices, maps: DifferenceMaps,
+                        raw_vae: RawVAEBaseline | None = None) -> dict[str, np.ndarray]:
+    """Slice scores of every configuration and baseline, keyed by method name."""
     scores = detector.slice_scores(slices, maps, detector.embed(maps))
     count = np.maximum(slices.mask.sum(axis=(1, 2)), 1)
     scores["baseline-context"] = (maps.context_residual**2).sum(axis=(1, 2)) / count
     scores["baseline-flip"] = (maps.symmetry**2).sum(axis=(1, 2)) / count
+    if raw_vae is not None:
+        scores[raw_vae.name] = raw_vae.slice_scores(slices)
     return scores
+
+
+def methods_of(cases: list[Case]) -> list[str]:
+    return list(cases[0].study) if cases else list(CONFIGURATIONS)
+
+
+def is_baseline(method: str) -> bool:
+    return method not in CONFIGURATIONS
 
 
 def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarray, dict] | None:
@@ -124,9 +137,9 @@ def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarra
 
 
 def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np.ndarray, meta: dict,
-                 rng: np.random.Generator, keep_example: bool) -> Case:
+                 rng: np.random.Generator, keep_example: bool, raw_vae: RawVAEBaseline | None = None) -> Case:
     maps = detector.reconstruct(slices)
-    scores = method_slice_scores(detector, slices, maps)
+    scores = method_slice_scores(detector, slices, maps, raw_vae)
     voxel = maps.voxel_score[slices.mask]
     voxel_truth = truth_slices[slices.mask]
     label = int(meta.get("lesion", False))
@@ -147,7 +160,7 @@ def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np
 
 
 def score_cases(detector: Detector, sources, desc: str, progress: bool, cache: Path | None = None,
-                examples: int = 0) -> list[Case]:
+                examples: int = 0, raw_vae: RawVAEBaseline | None = None) -> list[Case]:
     cases, rng = [], np.random.default_rng(0)
     seen_kinds: set[str] = set()
     for name, load in tqdm(list(sources), desc=desc, disable=not progress, unit="study"):
@@ -156,7 +169,7 @@ def score_cases(detector: Detector, sources, desc: str, progress: bool, cache: P
             continue
         kind = name.split("-")[0]
         keep = kind not in seen_kinds and len(seen_kinds) < examples
-        case = score_slices(detector, name, *prepared, rng, keep_example=keep)
+        case = score_slices(detector, name, *prepared, rng, keep_example=keep, raw_vae=raw_vae)
         cases.append(case)
         if case.example is not None:
             seen_kinds.add(kind)
@@ -166,7 +179,7 @@ def score_cases(detector: Detector, sources, desc: str, progress: bool, cache: P
 # -- metrics -------------------------------------------------------------------------------
 def thresholds_from_healthy(cases: list[Case], study_fpr: float, voxel_fpr: float) -> dict:
     """Per-method study thresholds and the voxel threshold at the stated healthy FPRs."""
-    study = {m: threshold_at_fpr([c.study[m] for c in cases], study_fpr) for m in METHODS}
+    study = {m: threshold_at_fpr([c.study[m] for c in cases], study_fpr) for m in methods_of(cases)}
     voxel = threshold_at_fpr(np.concatenate([c.voxel_scores for c in cases]), voxel_fpr)
     return {"study": study, "voxel": voxel, "study_fpr": study_fpr, "voxel_fpr": voxel_fpr, "n_healthy": len(cases)}
 
@@ -221,7 +234,8 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, 
     labels = np.array([c.label for c in cases])
     metrics: dict = {"study": {}, "slice": {}, "voxel": {}, "breakdown": {}, "thresholds": thresholds}
     focal = [c for c in lesions if c.kind not in ("atrophy",) and (c.meta.get("lesion_diameter_mm") or 0) >= focal_min_mm]
-    for m in METHODS:
+    methods = methods_of(cases)
+    for m in methods:
         scores = np.array([c.study[m] for c in cases])
         metrics["study"][m] = binary_metrics(labels, scores, thresholds["study"][m])
         metrics["study"][m]["ci95"] = bootstrap_ci(labels, scores, thresholds["study"][m])
@@ -261,11 +275,11 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, 
     for axis, members in groups.items():
         metrics["breakdown"][axis] = {
             key: {"n": len(group),
-                  "sensitivity": {m: float(np.mean([c.study[m] > thresholds["study"][m] for c in group])) for m in METHODS},
+                  "sensitivity": {m: float(np.mean([c.study[m] > thresholds["study"][m] for c in group])) for m in methods},
                   "dice_mean": float(np.mean([c.meta.get("dice", np.nan) for c in group])),
                   "auroc_vs_healthy": {m: float(roc_auc_score([0] * len(healthy) + [1] * len(group),
                                                                [h.study[m] for h in healthy] + [c.study[m] for c in group]))
-                                       if healthy else float("nan") for m in METHODS}}
+                                       if healthy else float("nan") for m in methods}}
             for key, group in sorted(members.items())
         }
     return metrics
@@ -283,7 +297,7 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
     cases = healthy + lesions
     labels = np.array([c.label for c in cases])
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for m in METHODS:
+    for m in methods_of(cases):
         scores = np.array([c.study[m] for c in cases])
         fpr, tpr, _ = roc_curve(labels, scores)
         precision, recall, _ = precision_recall_curve(labels, scores)
@@ -362,23 +376,25 @@ def summary_markdown(metrics: dict, description: str) -> str:
     for axis, groups in metrics["breakdown"].items():
         lines += [f"\n## By {axis.replace('_', ' ')}\n", "| group | n | sensitivity (combined) | AUROC vs healthy (combined) | best baseline AUROC | Dice |", "|---|---|---|---|---|---|"]
         for key, g in groups.items():
-            best = max(g["auroc_vs_healthy"][b] for b in BASELINES)
+            best = max(v for m, v in g["auroc_vs_healthy"].items() if is_baseline(m))
             lines.append(f"| {key} | {g['n']} | {fmt(g['sensitivity']['combined'])} | {fmt(g['auroc_vs_healthy']['combined'])} | {fmt(best)} | {fmt(g['dice_mean'])} |")
     lines.append("\nPlots: `roc_pr.png`, `dice_by_size.png`, `gallery.png`. Raw figures: `metrics.json`, `cases.json`.\n")
     return "\n".join(lines)
 
 
 def evaluate(detector: Detector, calibration_sources, test_sources, out: Path, description: str,
-             study_fpr: float = 0.05, voxel_fpr: float = 0.01, progress: bool = True, cache: Path | None = None) -> dict:
+             study_fpr: float = 0.05, voxel_fpr: float = 0.01, progress: bool = True, cache: Path | None = None,
+             raw_vae: RawVAEBaseline | None = None) -> dict:
     """Calibrate on healthy validation studies, score the test studies, write the report.
 
     ``cache``: folder for preprocessed cases, so a rerun (e.g. of another model) skips preprocessing.
+    ``raw_vae``: the raw-slice VAE baseline, scored beside the model when given.
     """
-    validation = score_cases(detector, calibration_sources, "validation (healthy)", progress, cache)
+    validation = score_cases(detector, calibration_sources, "validation (healthy)", progress, cache, raw_vae=raw_vae)
     if len(validation) < 2:
         raise ValueError("need at least 2 healthy validation studies for thresholds")
     thresholds = thresholds_from_healthy(validation, study_fpr, voxel_fpr)
-    tested = score_cases(detector, test_sources, "test", progress, cache, examples=8)
+    tested = score_cases(detector, test_sources, "test", progress, cache, examples=8, raw_vae=raw_vae)
     healthy = [c for c in tested if c.label == 0]
     lesions = [c for c in tested if c.label == 1]
     metrics = compute_metrics(healthy, lesions, thresholds)

@@ -24,7 +24,15 @@ from sklearn.covariance import LedoitWolf
 from tqdm import tqdm
 
 from . import __version__
-from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, default_device, slice_volume
+from .baselines import RawVAEBaseline
+from .detector import (
+    CONFIGURATIONS,
+    Detector,
+    DifferenceMaps,
+    Slices,
+    default_device,
+    slice_volume,
+)
 from .networks import BetaVAE, Reconstructor, beta_vae_loss, training_mask
 from .preprocess import SHAPE, canonicalise
 
@@ -83,6 +91,15 @@ def folder_sources(root: Path) -> StudySource:
 
     for name, image in iter_studies(root):
         yield f"{root}:{name}", (lambda image=image: image)
+
+
+def split(studies: list[Slices], config: TrainingConfig) -> tuple[list[Slices], list[Slices]]:
+    """Seeded split into the studies that fit networks and those that give healthy statistics."""
+    order = np.random.default_rng(config.seed).permutation(len(studies))
+    n_normative = max(2, int(round(config.normative_fraction * len(studies))))
+    fit, normative = [studies[i] for i in order[n_normative:]], [studies[i] for i in order[:n_normative]]
+    log.info("%d studies: %d fit, %d normative", len(studies), len(fit), len(normative))
+    return fit, normative
 
 
 # -- networks ------------------------------------------------------------------------------
@@ -215,11 +232,7 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
     studies = prepare(fit_sources, work / "cache", progress)
     if len(studies) < 4:
         raise ValueError(f"need at least 4 usable healthy studies, found {len(studies)}")
-    order = np.random.default_rng(config.seed).permutation(len(studies))
-    n_normative = max(2, int(round(config.normative_fraction * len(studies))))
-    normative = [studies[i] for i in order[:n_normative]]
-    fit = [studies[i] for i in order[n_normative:]]
-    log.info("%d studies: %d fit, %d normative", len(studies), len(fit), len(normative))
+    fit, normative = split(studies, config)
 
     reconstructor = train_reconstructor(fit, config, work / "checkpoints", device,
                                         base.reconstructor if base else None, progress)
@@ -252,6 +265,32 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
     }
     detector.save(output)
     return detector
+
+
+def train_raw_vae_baseline(fit_sources: StudySource, output: Path, work: Path, config: TrainingConfig,
+                           data_description: str, progress: bool = True) -> RawVAEBaseline:
+    """The evaluation baseline "VAE without reconstruction": the model's Beta-VAE trained on raw slices.
+
+    Uses the same studies, preprocessing cache and fit/normative split as ``train`` with the same
+    seed, so that it differs from the model only by the missing reconstruction stage.
+    """
+    torch.manual_seed(config.seed)
+    studies = prepare(fit_sources, work / "cache", progress)
+    if len(studies) < 4:
+        raise ValueError(f"need at least 4 usable healthy studies, found {len(studies)}")
+    fit, normative = split(studies, config)
+    raw = np.concatenate([s.image[:, None] for s in fit]).astype(np.float32)
+    vae = BetaVAE(in_channels=1, latent=config.latent, channels=config.vae_channels)
+    vae = train_vae(raw, config, work / "baseline-checkpoints", default_device(), vae, progress)
+    baseline = RawVAEBaseline(vae, {}, {
+        "name": "brainmirror baseline: Beta-VAE on raw slices (no reconstruction stage)",
+        "version": __version__, "latent": config.latent, "vae_channels": list(config.vae_channels),
+        "beta": config.beta, "vae_steps": config.vae_steps, "seed": config.seed, "data_source": data_description,
+        "training": {"studies": len(fit), "normative_studies": len(normative), "date": date.today().isoformat()},
+    })
+    baseline.fit_statistics(normative)
+    baseline.save(output)
+    return baseline
 
 
 # -- calibration ---------------------------------------------------------------------------

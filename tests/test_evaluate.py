@@ -68,7 +68,7 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
     for name in ("metrics.json", "summary.md", "cases.json", "roc_pr.png", "dice_by_size.png", "gallery.png"):
         assert (report / name).stat().st_size > 0, name
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics["study"]) >= {"mse", "symmetry", "vae", "combined", "baseline-context", "baseline-flip"}
+    assert set(metrics["study"]) == {"mse", "symmetry", "vae", "combined", "baseline-context", "baseline-flip", "baseline-vae-raw"}
     assert metrics["study"]["combined"]["n"] == 4 and metrics["study"]["combined"]["n_positive"] == 2
     assert 0.0 <= metrics["voxel"]["auprc"] <= 1.0
     assert set(metrics["breakdown"]["kind"]) == {"tumour", "small"}
