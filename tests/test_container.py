@@ -45,6 +45,14 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 TIMINGS: dict[str, float] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_timings():
+    """Prints what the tests of this module measured, after they ran (``pytest -s`` shows it)."""
+    yield
+    if TIMINGS:
+        print("\nMAP container figures:", json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}))
+
+
 def _docker_cli() -> str | None:
     """A docker CLI that builds with BuildKit: docker.io's (20.10 has it built in) or one with buildx."""
     for candidate in ("/usr/bin/docker", shutil.which("docker")):
@@ -366,8 +374,3 @@ def test_orthanc_plugin_runs_the_map(daemon, image, few_study, tmp_path):
     finally:
         node.stop()
         review.stop()
-
-
-def test_report_timings():
-    """Not a check: prints what the tests above measured (pytest -s shows it)."""
-    print("\nMAP container figures:", json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}))
