@@ -30,6 +30,7 @@ from .preprocess import resample
 COLIN_T1 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 COLIN_BRAIN = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 CONTRASTS = ("t1", "t2", "flair", "pd")
+# "development" is for trying out method changes, never for reported figures.
 STREAMS = {"train": 1, "calibration": 2, "evaluation": 3, "demo": 4, "test": 5, "development": 6}
 # Mean tissue intensities (CSF, GM, WM) per contrast, relative units.
 TISSUE_MEANS = {
