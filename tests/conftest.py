@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,3 +27,15 @@ def models_dir() -> Path:
     if not shipped_weights():
         pytest.fail("no model bundle in models/brainmirror: see the README's training command")
     return SHIPPED_MODELS
+
+
+def terminate(process: subprocess.Popen, timeout: float) -> None:
+    """Stop a process this test run started, by its PID: SIGTERM, then SIGKILL after ``timeout`` s."""
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()

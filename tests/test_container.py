@@ -35,7 +35,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import REPO
+from conftest import REPO, terminate
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -122,12 +122,7 @@ class Daemon:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             children = _children(self.process.pid)  # containerd and its shims
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            terminate(self.process, timeout=60)
             time.sleep(1)
             for pid in children:
                 with contextlib.suppress(ProcessLookupError):

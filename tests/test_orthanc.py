@@ -34,7 +34,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import REPO, shipped_weights
+from conftest import REPO, shipped_weights, terminate
 
 ORTHANC_DIR = REPO / "deploy" / "orthanc"
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
@@ -221,14 +221,8 @@ class OrthancProcess:
         raise AssertionError(f"{self.name} did not start:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            terminate(self.process, timeout=40)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
