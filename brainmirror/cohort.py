@@ -61,6 +61,7 @@ class Subject:
     lesion_mask: np.ndarray | None = None  # bool, native grid of ``image``
     lesion_kind: str | None = None
     meta: dict = field(default_factory=dict)
+    healthy_twin: nib.Nifti1Image | None = None  # the same study without the lesion (``twin=True``)
 
 
 def available_anatomies() -> list[str]:
@@ -146,8 +147,13 @@ def make_subject(
     contrast: str | None = None,
     lesion_kind: str | None = None,
     acquisition: str = "random",
+    twin: bool = False,
 ) -> Subject:
-    """One virtual study. ``acquisition``: "random" (pose, grid, noise vary) or "clean" (1 mm, axial)."""
+    """One virtual study. ``acquisition``: "random" (pose, grid, noise vary) or "clean" (1 mm, axial).
+
+    ``twin=True`` also returns the lesion study's healthy twin: the same anatomy, warp, contrast,
+    bias field, pose, grid and noise, without the lesion (for paired analyses of a detector).
+    """
     base = load_anatomy(anatomy)
     contrast = contrast or str(rng.choice(CONTRASTS))
     coords = _random_warp(base.t1.shape, rng, amplitude_mm=rng.uniform(1.5, 4.0))
@@ -156,6 +162,7 @@ def make_subject(
     image = _contrast_remap(base, t1, tissue, contrast, rng)
     meta: dict = {"anatomy": anatomy, "contrast": contrast, "synthetic": True}
     lesion = None
+    healthy = image
     if lesion_kind is not None:
         from .lesions import insert_lesion
 
@@ -163,8 +170,7 @@ def make_subject(
         image, lesion = inserted.image, inserted.mask
         meta.update(lesion_volume_ml=inserted.volume_ml, lesion_diameter_mm=inserted.max_diameter_mm,
                     lesion_components=inserted.n_components)
-    bias = np.exp(_smooth_field(image.shape, rng, control=4, scale=rng.uniform(0.05, 0.2)))
-    image = image * bias.astype(np.float32)
+    bias = np.exp(_smooth_field(image.shape, rng, control=4, scale=rng.uniform(0.05, 0.2))).astype(np.float32)
 
     if acquisition == "clean":
         voxel = np.array([1.0, 1.0, 1.0])
@@ -186,12 +192,25 @@ def make_subject(
     out_affine[:3, :3] = rotation @ np.diag(voxel)
     out_affine[:3, 3] = centre + shift - out_affine[:3, :3] @ ((shape - 1) / 2)
     out_to_in = np.linalg.inv(base.affine) @ out_affine
-    if voxel[2] > 1.5:  # thick slices average along the slice axis before sampling
-        image = ndimage.uniform_filter1d(image, size=int(round(voxel[2])), axis=2)
-    acquired = resample(image, out_to_in, tuple(shape), order=1)
+
+    def sample(volume: np.ndarray) -> np.ndarray:
+        volume = volume * bias
+        if voxel[2] > 1.5:  # thick slices average along the slice axis before sampling
+            volume = ndimage.uniform_filter1d(volume, size=int(round(voxel[2])), axis=2)
+        return resample(volume, out_to_in, tuple(shape), order=1)
+
+    acquired = sample(image)
     sigma = noise * np.percentile(acquired[acquired > 0], 95)
-    acquired = np.sqrt((acquired + rng.normal(0, sigma, acquired.shape)) ** 2 + rng.normal(0, sigma, acquired.shape) ** 2)
+    real, imaginary = rng.normal(0, sigma, acquired.shape), rng.normal(0, sigma, acquired.shape)
+
+    def rician(volume: np.ndarray) -> np.ndarray:
+        return np.sqrt((volume + real) ** 2 + imaginary**2)
+
+    acquired = rician(acquired)
     scale = rng.uniform(200, 2000)  # arbitrary scanner units
+    twin_image = None
+    if twin and lesion is not None:
+        twin_image = nib.Nifti1Image((rician(sample(healthy)) * scale).astype(np.float32), out_affine)
     native_lesion = None
     if lesion is not None:
         native_lesion = resample(lesion.astype(np.float32), out_to_in, tuple(shape), order=1) > 0.5
@@ -202,6 +221,7 @@ def make_subject(
         lesion_mask=native_lesion,
         lesion_kind=lesion_kind,
         meta=meta,
+        healthy_twin=twin_image,
     )
 
 

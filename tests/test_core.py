@@ -140,3 +140,22 @@ def test_reconstructor_withholds_the_mirror_when_asked():
         a = net(x, m, torch.tensor([1.0, 0.0]))
         b = net(x, m, torch.tensor([0.0, 0.0]))
     assert torch.allclose(a[1], b[1]) and not torch.allclose(a[0], b[0])
+
+
+def test_healthy_twin_differs_from_the_lesion_study_only_at_the_lesion():
+    from scipy import ndimage
+
+    from brainmirror.cohort import make_subject, subject_rng
+
+    plain = make_subject("mni", subject_rng("test", 90), "flair", "tumour")
+    paired = make_subject("mni", subject_rng("test", 90), "flair", "tumour", twin=True)
+    image = paired.image.get_fdata(dtype=np.float32)
+    twin = paired.healthy_twin.get_fdata(dtype=np.float32)
+    assert np.array_equal(image, plain.image.get_fdata(dtype=np.float32)), "asking for the twin changed the study"
+    assert plain.healthy_twin is None and np.array_equal(paired.image.affine, paired.healthy_twin.affine)
+    difference = np.abs(image - twin)
+    near = ndimage.binary_dilation(paired.lesion_mask, iterations=2)
+    bright = np.percentile(image[image > 0], 95)
+    assert difference[~near].max() < 0.02 * bright  # the same noise, bias, pose and grid everywhere else
+    assert difference[paired.lesion_mask].mean() > 0.05 * bright
+    assert make_subject("mni", subject_rng("test", 91), "t1", twin=True).healthy_twin is None
