@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .baselines import RawVAEBaseline
 from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, slice_volume
-from .preprocess import PreprocessingError, canonicalise
+from .preprocess import PREPROCESSING_VERSION, PreprocessingError, canonicalise
 from .training import threshold_at_fpr
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,8 @@ def is_baseline(method: str) -> bool:
 
 
 def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarray, dict] | None:
-    """Canonical slices, canonical lesion truth per slice and metadata of one case (cached)."""
-    path = cache / f"{name}.npz" if cache else None
+    """Canonical slices, canonical lesion truth per slice and metadata of one case (cached per preprocessing version)."""
+    path = cache / f"preprocessing-v{PREPROCESSING_VERSION}" / f"{name}.npz" if cache else None
     if path is not None and path.exists():
         with np.load(path) as data:
             return (Slices(data["image"], data["mask"], data["z"]), data["truth"],
@@ -335,7 +335,7 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
             for ax, key in zip(row, columns):
                 image = case.example[key]
                 ax.imshow(image.T, origin="lower", cmap="magma" if key == "anomaly" else "gray",
-                          vmin=0 if key != "anomaly" else 0, vmax=None if key != "anomaly" else max(5.0, metrics["thresholds"]["voxel"] * 2))
+                          vmin=0, vmax=None if key != "anomaly" else max(5.0, metrics["thresholds"]["voxel"] * 2))
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if row is axes[0]:

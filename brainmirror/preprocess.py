@@ -23,6 +23,8 @@ from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
+PREPROCESSING_VERSION = 1
+"""Bump whenever ``canonicalise`` changes its output: preprocessing caches are kept per version."""
 SPACING_MM = 2.0
 SHAPE = (96, 112, 80)
 ORIGIN_RAS = (-95.0, -129.0, -65.0)  # centre of voxel (0, 0, 0)

@@ -34,7 +34,7 @@ from .detector import (
     slice_volume,
 )
 from .networks import BetaVAE, Reconstructor, beta_vae_loss, training_mask
-from .preprocess import SHAPE, canonicalise
+from .preprocess import PREPROCESSING_VERSION, SHAPE, canonicalise
 
 log = logging.getLogger(__name__)
 StudySource = Iterable[tuple[str, Callable[[], nib.Nifti1Image]]]
@@ -57,7 +57,8 @@ class TrainingConfig:
 
 # -- data ----------------------------------------------------------------------------------
 def prepare(sources: StudySource, cache: Path, progress: bool = True) -> list[Slices]:
-    """Preprocess every study once (cached per study, so an interrupted run resumes)."""
+    """Preprocess every study once (cached per study and preprocessing version; a rerun resumes)."""
+    cache = cache / f"preprocessing-v{PREPROCESSING_VERSION}"
     cache.mkdir(parents=True, exist_ok=True)
     prepared = []
     for name, load in tqdm(list(sources), desc="preprocess", disable=not progress, unit="study"):

@@ -73,3 +73,22 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
     assert 0.0 <= metrics["voxel"]["auprc"] <= 1.0
     assert set(metrics["breakdown"]["kind"]) == {"tumour", "small"}
     assert "SYNTHETIC" in (report / "summary.md").read_text()
+
+
+def test_preprocessing_cache_is_reused_only_for_the_same_preprocessing_version(tmp_path, monkeypatch):
+    from brainmirror import evaluate
+    from brainmirror.cohort import make_subject, subject_rng
+
+    image = make_subject("mni", subject_rng("test", 92), "t1").image
+    loads = []
+
+    def load():
+        loads.append(1)
+        return image, None, {"contrast": "t1"}
+
+    first = evaluate.prepare_case("case", load, tmp_path)
+    again = evaluate.prepare_case("case", load, tmp_path)
+    assert len(loads) == 1 and np.array_equal(first[0].image, again[0].image)
+    monkeypatch.setattr(evaluate, "PREPROCESSING_VERSION", evaluate.PREPROCESSING_VERSION + 1)
+    evaluate.prepare_case("case", load, tmp_path)
+    assert len(loads) == 2, "a cache written by another preprocessing version was reused"
