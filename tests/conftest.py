@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +31,9 @@ def terminate(process: subprocess.Popen, timeout: float) -> None:
     """Stop a process this test run started, by its PID: SIGTERM, then SIGKILL after ``timeout`` s."""
     if process.poll() is not None:
         return
-    os.kill(process.pid, signal.SIGTERM)
+    process.terminate()
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
+        process.kill()
         process.wait()
