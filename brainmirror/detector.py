@@ -12,10 +12,11 @@ position against healthy statistics, then aggregated to the study):
 
 Study score: the mean of the three highest slice scores (robust to one noisy slice, still
 sensitive to a lesion a few slices thick). Voxel anomaly map: the geometric mean of the
-mirror-informed and the context-only reconstruction residuals, smoothed, standardised voxel
-by voxel against healthy subjects in canonical space. The geometric mean keeps a lesion (both
-residuals high) and suppresses its mirror ghost (the mirror-informed reconstruction of the
-healthy side copies the lesion, but the context-only one does not).
+mirror-informed and the context-only reconstruction residuals, smoothed, divided by its median
+in the study's brain, then standardised voxel by voxel against healthy subjects in canonical
+space. The geometric mean keeps a lesion (both residuals high) and suppresses its mirror ghost
+(the mirror-informed reconstruction of the healthy side copies the lesion, but the
+context-only one does not).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ TOP_SLICES = 3
 TOP_VOXEL_FRACTION = 0.02
 MIN_BRAIN_FRACTION = 0.03  # slices with less brain than this are not scored
 MIN_FINDING_ML = 0.3
-VOXEL_STD_FLOOR = 0.02
+VOXEL_STD_FLOOR = 0.25  # in units of the study's median raw map
+RAW_LEVEL_FLOOR = 1e-3
 
 
 @dataclass
@@ -70,6 +72,18 @@ def slice_volume(canonical: Canonical) -> Slices:
         mask=np.ascontiguousarray(canonical.mask[:, :, z].transpose(2, 0, 1)),
         z=z,
     )
+
+
+def raw_voxel_map(residual: np.ndarray, context_residual: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Geometric mean of the two residuals, smoothed in-plane, relative to the study's own median.
+
+    Dividing by the median inside the brain makes the map a ratio to the study's typical
+    reconstruction error, so contrast, noise level and scanner (which set that level for every
+    voxel alike) cancel, and only local excess remains for the healthy statistics to judge.
+    """
+    raw = ndimage.gaussian_filter(np.sqrt(residual * context_residual), sigma=(0, 1, 1)) * brain
+    level = float(np.median(raw[brain])) if brain.any() else 0.0
+    return (raw / max(level, RAW_LEVEL_FLOOR)).astype(np.float32)
 
 
 def mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -151,9 +165,9 @@ class Detector:
                               self._voxel_score(residual, context_residual, brain, slices.z))
 
     def _voxel_score(self, residual: np.ndarray, context_residual: np.ndarray, brain: np.ndarray, z: np.ndarray) -> np.ndarray:
-        raw = ndimage.gaussian_filter(np.sqrt(residual * context_residual), sigma=(0, 1, 1))
+        raw = raw_voxel_map(residual, context_residual, brain)
         if "voxel_mean" not in self.normative:  # while training, before healthy statistics exist
-            return (raw * brain).astype(np.float32)
+            return raw
         mean = self.normative["voxel_mean"][:, :, z].transpose(2, 0, 1)
         std = np.maximum(self.normative["voxel_std"][:, :, z].transpose(2, 0, 1), VOXEL_STD_FLOOR)
         return (np.clip((raw - mean) / std, -5, 50) * brain).astype(np.float32)

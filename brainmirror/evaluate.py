@@ -14,6 +14,7 @@ baseline is scored on the same studies in the same run:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -57,11 +58,13 @@ def synthetic_cases(stream: str, healthy: int, per_kind: int, kinds: tuple[str, 
     """(name, loader) pairs; loader returns (image, native truth mask or None, meta). SYNTHETIC."""
     from .cohort import CONTRASTS, available_anatomies, make_subject, subject_rng
 
-    anatomies = available_anatomies()
-    plan = [(None, i) for i in range(healthy)] + [(k, j) for k in kinds for j in range(per_kind)]
-    for index, (kind, j) in enumerate(plan):
-        anatomy = anatomies[index % len(anatomies)]
-        contrast = CONTRASTS[j % len(CONTRASTS)]
+    # every anatomy with every contrast, cycled over the plan: if anatomy and contrast cycled
+    # separately (2 and 4), healthy studies would only ever pair MNI with T1/FLAIR and Colin27
+    # with T2/PD, and lesion studies would be compared with healthy ones of another combination
+    combinations = list(itertools.product(available_anatomies(), CONTRASTS))
+    plan = [None] * healthy + [k for k in kinds for _ in range(per_kind)]
+    for index, kind in enumerate(plan):
+        anatomy, contrast = combinations[index % len(combinations)]
 
         def load(index=index, kind=kind, anatomy=anatomy, contrast=contrast):
             subject = make_subject(anatomy, subject_rng(stream, index), contrast=contrast, lesion_kind=kind)

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 """Bump whenever ``canonicalise`` changes its output: preprocessing caches are kept per version."""
 SPACING_MM = 2.0
 SHAPE = (96, 112, 80)
@@ -109,11 +109,13 @@ def _to_sitk(array: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
     return image
 
 
-def register_rigid(moving: np.ndarray, moving_affine: np.ndarray, seed: int = 1) -> np.ndarray:
+def register_rigid(moving: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
     """Rigidly register a (brain-masked) volume to the symmetric template.
 
     Returns the 4x4 transform from canonical RAS mm to the moving volume's RAS mm.
-    Mutual information, so any MR contrast registers to the T1 template.
+    Mutual information, so any MR contrast registers to the T1 template. Every template brain
+    voxel is sampled (no random subset), so the pose is deterministic: a study and its copy with
+    a lesion land on the same grid, and scores do not move with a sampling seed.
     """
     fixed_image, fixed_mask = template()
     fixed = _to_sitk(fixed_image, CANONICAL_AFFINE)
@@ -126,16 +128,15 @@ def register_rigid(moving: np.ndarray, moving_affine: np.ndarray, seed: int = 1)
     )
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, seed)  # a fixed seed (0 would mean "wall clock")
+    reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetMetricFixedMask(_to_sitk(fixed_mask.astype(np.float32), CANONICAL_AFFINE) > 0.5)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=120, relaxationFactor=0.6
+        learningRate=2.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.6
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2])
-    reg.SetSmoothingSigmasPerLevel([4.0, 2.0])
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(initial, inPlace=False)
     transform = reg.Execute(fixed, moving_sitk)
@@ -230,8 +231,18 @@ def canonicalise(image: nib.Nifti1Image) -> Canonical:
 
 
 def normalise(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Robust scaling inside the brain: 1st percentile -> 0, 99th -> 1, clipped to [0, 2]."""
-    low, high = np.percentile(volume[mask], [1, 99])
+    """Robust scaling inside the brain: 1st percentile -> 0, 99th -> 1, clipped to [0, 2].
+
+    The percentiles are taken over the voxel-wise minimum (99th) and maximum (1st) of the
+    volume and its mirror, so a one-sided bright or dark lesion does not set the scale and
+    compress the healthy brain (a 50 ml bright lesion would otherwise hold the 99th percentile).
+    """
+    mirrored = volume[::-1]
+    both = mask & mask[::-1]
+    if not both.any():
+        raise PreprocessingError("no brain on both sides of the midline")
+    low = np.percentile(np.maximum(volume, mirrored)[both], 1)
+    high = np.percentile(np.minimum(volume, mirrored)[both], 99)
     if high - low <= 1e-6:
         raise PreprocessingError("no intensity contrast inside the brain")
     scaled = np.clip((volume - low) / (high - low), 0.0, 2.0)

@@ -31,6 +31,7 @@ from .detector import (
     DifferenceMaps,
     Slices,
     default_device,
+    raw_voxel_map,
     slice_volume,
 )
 from .networks import BetaVAE, Reconstructor, beta_vae_loss, training_mask
@@ -174,15 +175,11 @@ def train_vae(maps: np.ndarray, config: TrainingConfig, checkpoint_dir: Path, de
 
 
 # -- normative statistics ------------------------------------------------------------------
-def _raw_voxel_map(maps: DifferenceMaps) -> np.ndarray:
-    return ndimage.gaussian_filter(np.sqrt(maps.residual * maps.context_residual), sigma=(0, 1, 1))
-
-
 def voxel_statistics(studies: list[Slices], maps: list[DifferenceMaps]) -> tuple[np.ndarray, np.ndarray]:
     """Per-voxel mean and std of the raw anomaly map over healthy studies, spatially smoothed."""
     total, total_sq, count = (np.zeros(SHAPE, np.float64) for _ in range(3))
     for s, m in zip(studies, maps):
-        raw = _raw_voxel_map(m).transpose(1, 2, 0)
+        raw = raw_voxel_map(m.residual, m.context_residual, s.mask).transpose(1, 2, 0)
         brain = s.mask.transpose(1, 2, 0)
         total[:, :, s.z] += raw * brain
         total_sq[:, :, s.z] += raw**2 * brain

@@ -11,7 +11,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from brainmirror import preprocess
-from brainmirror.detector import Detector, slice_volume
+from brainmirror.detector import Detector, raw_voxel_map, slice_volume
 from brainmirror.networks import Reconstructor, checkerboard, training_mask
 from brainmirror.training import position_statistics, threshold_at_fpr
 
@@ -63,6 +63,38 @@ def test_known_rigid_transform_is_recovered_and_maps_round_trip():
     back = canonical.to_native(canonical.to_canonical(native, order=0), order=0)
     inside = canonical.native_mask
     assert (back[inside] == native[inside]).mean() > 0.97
+
+
+def test_registration_is_deterministic():
+    """Every brain voxel is sampled: repeated runs agree to rounding (threaded sums), not to mm."""
+    moved = _template_head(preprocess.CANONICAL_AFFINE)
+    data = moved.get_fdata(dtype=np.float32)
+    first = preprocess.register_rigid(data, moved.affine)
+    assert np.abs(first - preprocess.register_rigid(data, moved.affine)).max() < 1e-6
+
+
+def test_scaling_ignores_a_one_sided_bright_lesion():
+    """A bright lesion on one side must not set the scale of the healthy brain."""
+    image, mask = preprocess.template()
+    lesioned = image.copy()
+    lesioned[20:34, 40:60, 30:45] = 3.0 * image[mask].max()  # ~13 ml, right hemisphere only
+    healthy = mask.copy()
+    healthy[20:34, 40:60, 30:45] = False
+    before, after = preprocess.normalise(image, mask), preprocess.normalise(lesioned, mask)
+    assert np.abs(after[healthy] - before[healthy]).max() < 0.02
+    plain = np.clip(lesioned / np.percentile(lesioned[mask], 99), 0, 2)  # what plain percentiles would do
+    assert np.abs(plain[healthy] - before[healthy]).max() > 0.1
+
+
+def test_raw_voxel_map_is_relative_to_the_study_level():
+    rng = np.random.default_rng(0)
+    residual, context = rng.random((2, 3, 96, 112)).astype(np.float32)
+    brain = np.ones((3, 96, 112), bool)
+    brain[:, :10] = False
+    one = raw_voxel_map(residual, context, brain)
+    assert np.allclose(raw_voxel_map(7.0 * residual, 7.0 * context, brain), one, rtol=1e-4)
+    assert np.median(one[brain]) == pytest.approx(1.0, rel=1e-3)
+    assert not one[~brain].any()
 
 
 def test_preprocessing_rejects_volumes_without_content():

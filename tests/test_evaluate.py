@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from brainmirror.evaluate import binary_metrics, bootstrap_ci, dice, size_bin
+from brainmirror.cohort import CONTRASTS, available_anatomies
+from brainmirror.evaluate import binary_metrics, bootstrap_ci, dice, size_bin, synthetic_cases
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,15 @@ def test_size_bins():
 
 
 @pytest.mark.slow
+def test_synthetic_suite_pairs_every_anatomy_with_every_contrast():
+    """Healthy and lesion studies must share anatomy/contrast combinations (no confound)."""
+    combinations = {(a, c) for a in available_anatomies() for c in CONTRASTS}
+    names = [name for name, _ in synthetic_cases("evaluation", 2 * len(combinations), 1, ("tumour", "stroke"))]
+    healthy = {tuple(n.rsplit("-", 2)[1:]) for n in names if n.startswith("healthy-")}
+    assert healthy == combinations
+    assert len({tuple(n.rsplit("-", 2)[1:]) for n in names if not n.startswith("healthy-")}) == 2
+
+
 def test_evaluate_command_writes_a_full_report(tmp_path):
     cmd = [sys.executable, "-m", "brainmirror", "evaluate", "--name", "ci", "--reports", str(tmp_path),
            "--validation", "2", "--healthy", "2", "--per-kind", "1", "--kinds", "tumour,small", "--work", str(tmp_path / "work"), "--quiet"]
