@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Calibrate thresholds on healthy validation studies (never lesions), score a test "
                                    "set with every configuration and baseline, and write reports/NAME/ (metrics.json, "
                                    "summary.md, ROC/PR, Dice-by-size and gallery plots). Default: the seeded synthetic "
-                                   "suite (84 studies: about 19 min on 2 CPU cores from an empty cache, preprocessing "
+                                   "suite (84 studies: about 22 min on 2 CPU cores from an empty cache, preprocessing "
                                    "cached in --work for reruns); --quick: a few minutes.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model bundle (default: the shipped model)")
     p.add_argument("--baseline", type=Path, default=BASELINE_PATH,
