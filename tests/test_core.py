@@ -143,7 +143,7 @@ def test_mahalanobis_matches_direct_numpy_computation():
 def test_symmetry_masked_reconstruction_removes_a_one_sided_lesion():
     """Bright blobs in the left hemisphere are rebuilt as healthy tissue from their mirror.
 
-    Three blobs (14-20 mm, at different positions against the inference checkerboard) on three
+    Three blobs (16-28 mm wide, at different positions against the inference checkerboard) on three
     slices: how much of a blob a masked block sees around it varies with its position, so the
     property is asserted on their mean, and the ghost suppression on each.
     """
