@@ -59,7 +59,6 @@ def test_size_bins():
     assert size_bin(None) == "n/a"
 
 
-@pytest.mark.slow
 def test_synthetic_suite_pairs_every_anatomy_with_every_contrast():
     """Healthy and lesion studies must share anatomy/contrast combinations (no confound)."""
     combinations = {(a, c) for a in available_anatomies() for c in CONTRASTS}
@@ -69,6 +68,7 @@ def test_synthetic_suite_pairs_every_anatomy_with_every_contrast():
     assert len({tuple(n.rsplit("-", 2)[1:]) for n in names if not n.startswith("healthy-")}) == 2
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_a_full_report(tmp_path):
     cmd = [sys.executable, "-m", "brainmirror", "evaluate", "--name", "ci", "--reports", str(tmp_path),
            "--validation", "2", "--healthy", "2", "--per-kind", "1", "--kinds", "tumour,small", "--work", str(tmp_path / "work"), "--quiet"]
