@@ -232,6 +232,22 @@ def size_bin(diameter: float | None) -> str:
     return "n/a"
 
 
+def within_study_slice_auroc(lesions: list[Case], method: str) -> dict:
+    """Lesion slices against the other slices of the same study, AUROC averaged over lesion studies.
+
+    Unlike the pooled slice AUROC, every study is compared only with itself, so it measures
+    whether a map points at the right slices whatever the study's overall score level (which
+    the study-level figures depend on). Studies without both kinds of slices are left out.
+    """
+    values = []
+    for c in lesions:
+        labels, scores = c.slice_labels, c.slice_scores[method]
+        ok = np.isfinite(scores)
+        if 0 < labels[ok].sum() < ok.sum():
+            values.append(roc_auc_score(labels[ok], scores[ok]))
+    return {"auroc_within_study": float(np.mean(values)) if values else float("nan"), "n_within_study": len(values)}
+
+
 def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, focal_min_mm: float = 10.0) -> dict:
     cases = healthy + lesions
     labels = np.array([c.label for c in cases])
@@ -251,6 +267,7 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, 
         ok = np.isfinite(s_scores)
         metrics["slice"][m] = {"auroc": float(roc_auc_score(s_labels[ok], s_scores[ok])) if 0 < s_labels.sum() < len(s_labels) else float("nan"),
                                "auprc": float(average_precision_score(s_labels[ok], s_scores[ok])) if s_labels.any() else float("nan")}
+        metrics["slice"][m] |= within_study_slice_auroc(lesions, m)
     # voxel level: AUPRC over the whole set, Dice per lesion subject at the healthy-FPR threshold
     if lesions:
         v_scores = np.concatenate([c.voxel_scores for c in cases])
@@ -368,8 +385,11 @@ def summary_markdown(metrics: dict, description: str) -> str:
         lines.append(f"| {m} | {fmt(r['auroc'])} [{fmt(r['ci95']['auroc'][0])}, {fmt(r['ci95']['auroc'][1])}] | {fmt(r['auprc'])} | "
                      f"{fmt(r['accuracy'])} | {fmt(r['sensitivity'])} [{fmt(r['ci95']['sensitivity'][0])}, {fmt(r['ci95']['sensitivity'][1])}] | "
                      f"{fmt(r['specificity'])} | {fmt(r['fpr'])} | {fmt(f['auroc'])} | {fmt(f['sensitivity'])} |")
-    lines += ["\n## Slice level\n", "| method | AUROC | AUPRC |", "|---|---|---|"]
-    lines += [f"| {m} | {fmt(r['auroc'])} | {fmt(r['auprc'])} |" for m, r in metrics["slice"].items()]
+    lines += ["\n## Slice level\n",
+              ("Pooled over all test slices; *within study*: lesion slices against the other slices of the same "
+               "lesion study, averaged over studies (does the map point at the right slices, whatever the study's score level).\n"),
+              "| method | AUROC | AUPRC | AUROC within study |", "|---|---|---|---|"]
+    lines += [f"| {m} | {fmt(r['auroc'])} | {fmt(r['auprc'])} | {fmt(r.get('auroc_within_study'))} |" for m, r in metrics["slice"].items()]
     if metrics["voxel"]:
         v = metrics["voxel"]
         lines += ["\n## Voxel level (combined anomaly map)\n",

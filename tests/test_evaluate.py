@@ -12,7 +12,15 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from brainmirror.cohort import CONTRASTS, available_anatomies
-from brainmirror.evaluate import binary_metrics, bootstrap_ci, dice, size_bin, synthetic_cases
+from brainmirror.evaluate import (
+    Case,
+    binary_metrics,
+    bootstrap_ci,
+    dice,
+    size_bin,
+    synthetic_cases,
+    within_study_slice_auroc,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +39,24 @@ def test_binary_metrics_by_hand():
     assert m["auroc"] == pytest.approx(13 / 16)
     assert m["auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert m["auprc"] == pytest.approx(average_precision_score(labels, scores))
+
+
+def test_within_study_slice_auroc_by_hand():
+    def case(labels, scores):
+        return Case("lesion", 1, "tumour", {}, {}, {"combined": np.array(scores, float)}, np.array(labels))
+
+    lesions = [
+        case([0, 1, 1], [0.1, 0.5, 0.3]),  # both lesion slices above the healthy one: 1
+        case([1, 0, 0, 0], [0.2, 0.3, 0.1, 0.0]),  # the lesion slice beats 2 of 3: 2/3
+        case([0, 0], [5.0, 9.0]),  # no lesion slice: left out
+        case([1, 0, 0], [np.nan, 0.4, 0.2]),  # its only lesion slice has no score: left out
+    ]
+    result = within_study_slice_auroc(lesions, "combined")
+    assert result["n_within_study"] == 2
+    assert result["auroc_within_study"] == pytest.approx((1 + 2 / 3) / 2)
+    # a study's overall level does not matter, unlike for the pooled slice AUROC
+    shifted = [case([0, 1, 1], [100.1, 100.5, 100.3]), lesions[1]]
+    assert within_study_slice_auroc(shifted, "combined") == result
 
 
 def test_dice_by_hand():
@@ -82,6 +108,7 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
     assert metrics["study"]["combined"]["n"] == 4 and metrics["study"]["combined"]["n_positive"] == 2
     assert 0.0 <= metrics["voxel"]["auprc"] <= 1.0
     assert set(metrics["breakdown"]["kind"]) == {"tumour", "small"}
+    assert "auroc_within_study" in metrics["slice"]["combined"]
     assert "SYNTHETIC" in (report / "summary.md").read_text()
 
 
