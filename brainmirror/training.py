@@ -35,7 +35,8 @@ from .detector import (
     slice_volume,
 )
 from .networks import BetaVAE, Reconstructor, beta_vae_loss, training_mask
-from .preprocess import PREPROCESSING_VERSION, SHAPE, canonicalise
+from . import anatomies, preprocess
+from .preprocess import SHAPE, canonicalise
 
 log = logging.getLogger(__name__)
 StudySource = Iterable[tuple[str, Callable[[], nib.Nifti1Image]]]
@@ -57,9 +58,14 @@ class TrainingConfig:
 
 
 # -- data ----------------------------------------------------------------------------------
+def cache_folder(cache: Path) -> Path:
+    """The part of a preprocessing cache that holds for the current preprocessing and anatomy versions."""
+    return cache / f"preprocessing-v{preprocess.PREPROCESSING_VERSION}-anatomies-v{anatomies.PREPARATION_VERSION}"
+
+
 def prepare(sources: StudySource, cache: Path, progress: bool = True) -> list[Slices]:
-    """Preprocess every study once (cached per study and preprocessing version; a rerun resumes)."""
-    cache = cache / f"preprocessing-v{PREPROCESSING_VERSION}"
+    """Preprocess every study once (cached per study and version, ``cache_folder``; a rerun resumes)."""
+    cache = cache_folder(cache)
     cache.mkdir(parents=True, exist_ok=True)
     prepared = []
     for name, load in tqdm(list(sources), desc="preprocess", disable=not progress, unit="study"):
@@ -78,12 +84,12 @@ def prepare(sources: StudySource, cache: Path, progress: bool = True) -> list[Sl
     return prepared
 
 
-def synthetic_sources(stream: str, count: int, anatomies: tuple[str, ...] = ("mni",)) -> StudySource:
-    """Healthy virtual-cohort studies (SYNTHETIC), seeded by stream and index."""
+def synthetic_sources(stream: str, count: int, names: tuple[str, ...] = anatomies.TRAINING_ANATOMIES) -> StudySource:
+    """Healthy virtual-cohort studies (SYNTHETIC), seeded by stream and index, anatomies in turn."""
     from .cohort import make_subject, subject_rng
 
     for i in range(count):
-        anatomy = anatomies[i % len(anatomies)]
+        anatomy = names[i % len(names)]
         yield f"synthetic-{stream}-{anatomy}-{i}", (lambda i=i, a=anatomy: make_subject(a, subject_rng(stream, i)).image)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from brainmirror.anatomies import ANATOMIES
 from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
 from brainmirror.detector import CONFIGURATIONS, Detector, slice_volume
 from brainmirror.lesions import FOCAL_KINDS
@@ -37,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/brainmirror"), help="model bundle")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per focal lesion kind (contrasts cycle)")
-    parser.add_argument("--anatomy", default="mni", choices=("mni", "colin"), help="default mni")
+    parser.add_argument("--anatomy", default="mni", choices=ANATOMIES, help="default mni")
     args = parser.parse_args()
 
     detector = Detector.load(args.model)

