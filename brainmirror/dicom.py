@@ -29,10 +29,11 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from . import ALGORITHM_NAME, NOT_FOR_CLINICAL_USE
-from .result import Assessment, Finding, NotAssessed
+from .result import Assessment, Finding, NotAssessed, Resampling, SeriesReport
 
 __all__ = [
     "read_series",
+    "load_series",
     "volume_to_nifti",
     "write_mr_series",
     "write_assessment",
@@ -61,9 +62,16 @@ CODE_DISCLAIMER = Code("DISCLAIMER", PRIVATE_SCHEME, "Disclaimer")
 CODE_SLICE_RANGE = Code("SLICERANGE", PRIVATE_SCHEME, "Slice range")
 CODE_REASON = Code("REASON", PRIVATE_SCHEME, "Reason not assessed")
 CODE_REASON_CODE = Code("REASONCODE", PRIVATE_SCHEME, "Reason code")
+CODE_SERIES = Code("SERIES", PRIVATE_SCHEME, "Assessed series")
+CODE_CONTRAST = Code("CONTRAST", PRIVATE_SCHEME, "Contrast family")
+CODE_RESAMPLED = Code("RESAMPLED", PRIVATE_SCHEME, "Slice positions resampled")
+CODE_SLICE_DEVIATION = Code("SLICEDEV", PRIVATE_SCHEME, "Maximum slice position deviation")
+CODE_COVERAGE = Code("COVERAGE", PRIVATE_SCHEME, "Brain coverage")
+CODE_REGION = Code("REGION", PRIVATE_SCHEME, "Assessed region")
 CODE_SEG_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # (49755003, SCT)
 CODE_SEG_TYPE = codes.SCT.Lesion  # (52988006, SCT)
 UNIT_ML = Code("ml", "UCUM", "milliliter")
+UNIT_MM = Code("mm", "UCUM", "millimeter")
 UNIT_NONE = codes.UCUM.NoUnits  # ("1", UCUM, "no units")
 UNIT_RATIO = codes.UCUM.Ratio  # ("{ratio}", UCUM, "ratio")
 LATERALITY = {
@@ -76,6 +84,7 @@ SERIES_NUMBER_SR = 9901
 SERIES_NUMBER_SEG = 9902
 SERIES_NUMBER_KEY = 9903
 MAX_KEY_IMAGES = 3
+WHOLE_BRAIN_COVERAGE = 0.95  # from this coverage on, the SR calls the assessed region the whole brain
 KEY_IMAGE_SIZE = 512  # pixels along the longer physical side
 
 _MANUFACTURER = ALGORITHM_NAME
@@ -88,15 +97,30 @@ _DISCLAIMER = f"{ALGORITHM_NAME} - {NOT_FOR_CLINICAL_USE}"
 # Bounds the memory of a run: its peak is about 1.6 GB + 22 bytes per voxel of the series
 # (docs/bad-input.md), so about 4.6 GB at this limit (134 million voxels, e.g. 512 x 512 x 512).
 MAX_SERIES_VOXELS = 128 * 1024 * 1024
+# A slice may sit this fraction of the slice thickness (or of the spacing, when smaller) off the
+# regular grid and still be resampled onto it; farther, the series is refused.
+SLICE_DEVIATION_TOLERANCE = 0.5
 _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 
 
 def read_series(datasets: Sequence[Dataset], max_voxels: int = MAX_SERIES_VOXELS) -> hd.Volume:
+    """The volume of ``load_series`` (resampled onto a regular grid when its slices jitter)."""
+    return load_series(datasets, max_voxels)[0]
+
+
+def load_series(
+    datasets: Sequence[Dataset], max_voxels: int = MAX_SERIES_VOXELS
+) -> tuple[hd.Volume, Resampling | None]:
     """Build the float32 volume (rescale applied) of one single-frame series.
 
-    A single enhanced multi-frame dataset is accepted too. Raises ``ValueError`` with a
-    one-line message when the datasets do not form a regularly spaced 3D volume, or hold
-    more than ``max_voxels`` voxels (checked on the headers, before any pixel is decoded).
+    A single enhanced multi-frame dataset is accepted too. Slice positions that deviate from a
+    regular grid along the slice normal by at most half the slice thickness
+    (``SLICE_DEVIATION_TOLERANCE``) are resampled onto that grid, one grid slice per source
+    slice, and the returned ``Resampling`` says so (None when the series was regular as
+    highdicom's default tolerance sees it). Raises ``ValueError`` with a one-line message when
+    the datasets do not form such a volume (missing slices, duplicates, mixed orientations, larger
+    deviations), or hold more than ``max_voxels`` voxels (checked on the headers, before any
+    pixel is decoded).
     """
     items = list(datasets)
     if not items:
@@ -112,11 +136,19 @@ def read_series(datasets: Sequence[Dataset], max_voxels: int = MAX_SERIES_VOXELS
     missing = [] if multiframe else [k for k in _GEOMETRY if any(k not in ds for ds in items)]
     if missing:
         raise ValueError(f"cannot form a volume: the images do not say where they are ({', '.join(missing)} missing)")
+    resampling = None
     try:
         if multiframe:
             volume = hd.Image.from_dataset(items[0], copy=False).get_volume(dtype=np.float32)
         else:
-            volume = hd.get_volume_from_series(items, dtype=np.float32)
+            try:
+                volume = hd.get_volume_from_series(items, dtype=np.float32)
+            except ValueError as e:
+                if "not a regularly-spaced volume" not in str(e):
+                    raise
+                volume, resampling = _regularised(items)
+    except _Irregular as e:
+        raise ValueError(f"cannot form a volume: Series is not a regularly-spaced volume: {e}") from e
     except Exception as e:  # the headers and pixel data are untrusted input; decoders raise many kinds
         message = " ".join(str(e).split())[:300] or type(e).__name__
         raise ValueError(f"cannot form a volume: {message}") from e
@@ -126,7 +158,96 @@ def read_series(datasets: Sequence[Dataset], max_voxels: int = MAX_SERIES_VOXELS
         raise ValueError(f"cannot form a volume: the pixel data cannot be decoded ({type(e).__name__})") from e
     if volume.array.ndim != 3:
         raise ValueError("cannot form a volume: the series is not a grayscale image series")
-    return volume
+    return volume, resampling
+
+
+class _Irregular(Exception):
+    """Slice positions too far from any regular grid (the message says how)."""
+
+
+def _minimax_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(intercept, slope, max |residual|) of the line minimising the largest residual of y over x."""
+    from scipy.optimize import linprog
+
+    if len(x) < 3:
+        slope = float((y[-1] - y[0]) / (x[-1] - x[0]))
+        return float(y[0] - slope * x[0]), slope, 0.0
+    ones = np.ones_like(x)  # variables (intercept, slope, t): minimise t with |y - a - b x| <= t
+    a_ub = np.block([[-ones[:, None], -x[:, None], -ones[:, None]], [ones[:, None], x[:, None], -ones[:, None]]])
+    b_ub = np.concatenate([-y, y])
+    fit = linprog([0, 0, 1], A_ub=a_ub, b_ub=b_ub, bounds=[(None, None)] * 3, method="highs")
+    if not fit.success:  # cannot happen for finite input; fall back to least squares
+        slope, intercept = np.polyfit(x, y, 1)
+    else:
+        intercept, slope = fit.x[:2]
+    return float(intercept), float(slope), float(np.abs(y - intercept - slope * x).max())
+
+
+def _regularised(items: list[Dataset]) -> tuple[hd.Volume, Resampling]:
+    """A series whose slices sit near a regular grid, resampled onto it along the slice normal.
+
+    One grid slice per source slice, in order along the normal; the grid is the one that
+    minimises the largest distance of a slice from its grid position. Refused (``_Irregular``)
+    when that distance exceeds ``SLICE_DEVIATION_TOLERANCE`` of the slice thickness, when the
+    positions fit a regular grid with missing slices, or when two slices share a position.
+    highdicom sorts and decodes the slices (its spacing tolerance set to accept these
+    positions) and checks that they stack along the normal.
+    """
+    orientation = [float(v) for v in items[0].ImageOrientationPatient]
+    # the slice direction highdicom stacks volumes along
+    normal = hd.spatial.get_normal_vector(orientation, index_convention=hd.spatial.VOLUME_INDEX_CONVENTION)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in items])
+    distances = positions @ normal
+    order = np.argsort(distances, kind="stable")
+    d = distances[order]
+    steps = np.diff(d)
+    if len(d) < 2 or steps.min() <= 1e-3:
+        raise _Irregular("two slices at the same position (duplicates with different content)")
+    ranks = np.arange(len(d), dtype=np.float64)
+    intercept, spacing, deviation = _minimax_line(ranks, d)
+    typical = float(np.median(steps))
+    increments = np.maximum(1, np.round(steps / typical))
+    if increments.max() > 1:  # a regular grid with holes may explain the positions better
+        holes = np.concatenate([[0.0], np.cumsum(increments)])
+        _, _, gap_deviation = _minimax_line(holes, d)
+        if gap_deviation < deviation / 2:
+            raise _Irregular(f"{int(holes[-1]) + 1 - len(d)} slice(s) missing (a gap of {steps.max():.3g} mm "
+                             f"where slices are {typical:.3g} mm apart)")
+    try:
+        thickness = float(items[0].get("SliceThickness") or 0.0)
+    except (TypeError, ValueError):
+        thickness = 0.0
+    thickness = min(thickness, spacing) if thickness > 0 else spacing
+    tolerance = SLICE_DEVIATION_TOLERANCE * thickness
+    if deviation > tolerance + 1e-3:
+        if steps.min() < 0.25 * typical:
+            raise _Irregular(f"two slices {steps.min():.3g} mm apart where slices are {typical:.3g} mm apart "
+                             "(duplicates with different content)")
+        raise _Irregular(f"slice positions deviate from a regular {spacing:.3g} mm grid by up to {deviation:.3g} mm, "
+                         f"more than half the slice thickness ({tolerance:.3g} mm)")
+    spread = float(np.abs(steps - (d[-1] - d[0]) / (len(d) - 1)).max())
+    volume = hd.get_volume_from_series(items, dtype=np.float32, atol=spread + 1e-3)
+    grid = intercept + spacing * ranks
+    below = np.clip(np.searchsorted(d, grid, side="right") - 1, 0, len(d) - 2)
+    weight = np.clip((grid - d[below]) / (d[below + 1] - d[below]), 0.0, 1.0).astype(np.float32)
+    source = volume.array
+    array = (1.0 - weight)[:, None, None] * source[below] + weight[:, None, None] * source[below + 1]
+    first = positions[order[0]] + (grid[0] - d[0]) * normal
+    regular = hd.Volume.from_attributes(
+        array=array.astype(np.float32),
+        image_position=first.tolist(),
+        image_orientation=orientation,
+        pixel_spacing=[float(v) for v in items[0].PixelSpacing],
+        spacing_between_slices=spacing,
+        coordinate_system="PATIENT",
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+    )
+    return regular, Resampling(
+        max_deviation_mm=deviation,
+        tolerance_mm=tolerance,
+        spacing_mm=spacing,
+        slice_instances=tuple(str(items[i].SOPInstanceUID) for i in order),
+    )
 
 
 def volume_to_nifti(volume: hd.Volume) -> nib.Nifti1Image:
@@ -406,7 +527,14 @@ def _segmentation(
     findings: Sequence[Finding],
     tracking_uids: dict[int, str],
     algorithm_version: str,
+    resampling: Resampling | None = None,
 ) -> hd.seg.Segmentation:
+    """The findings as a binary SEG on the source instances.
+
+    A regular series: highdicom maps the volume onto its instances. A resampled one: grid slice
+    i is written as the frame of the source instance it was made from (at most
+    ``Resampling.tolerance_mm`` away along the normal), so every frame sits on a source image.
+    """
     labels = [f.label for f in findings]
     if labels != list(range(1, len(labels) + 1)):
         raise ValueError(f"finding labels must be 1..N without gaps, got {labels}")
@@ -429,9 +557,14 @@ def _segmentation(
         )
         for f in findings
     ]
+    if resampling is None:
+        sources, pixels = list(source_datasets), volume.with_array(labelmap)
+    else:
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+        sources, pixels = [by_uid[uid] for uid in resampling.slice_instances], labelmap
     return hd.seg.Segmentation(
-        source_images=list(source_datasets),
-        pixel_array=volume.with_array(labelmap),
+        source_images=sources,
+        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
@@ -522,9 +655,12 @@ def _render_slice(
 
 
 def _slice_datasets(
-    source_datasets: Sequence[Dataset], volume: hd.Volume
+    source_datasets: Sequence[Dataset], volume: hd.Volume, resampling: Resampling | None = None
 ) -> dict[int, tuple[Dataset, int | None]]:
     """Map native slice index to (source dataset, frame number or None for single-frame)."""
+    if resampling is not None:
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+        return {i: (by_uid[uid], None) for i, uid in enumerate(resampling.slice_instances)}
 
     def index_of(position: Sequence[float]) -> int:
         point = np.array([[float(v) for v in position]])
@@ -558,9 +694,10 @@ def _key_images(
     volume: hd.Volume,
     assessment: Assessment,
     algorithm_version: str,
+    resampling: Resampling | None = None,
 ) -> list[Dataset]:
     window = _window(volume.array)
-    by_slice = _slice_datasets(source_datasets, volume)
+    by_slice = _slice_datasets(source_datasets, volume, resampling)
     series_instance_uid = hd.UID()
     row_direction, column_direction = volume.affine[:3, 2], volume.affine[:3, 1]
     orientation = (_orientation_letter(row_direction), _orientation_letter(column_direction))
@@ -588,8 +725,9 @@ def _key_images(
         sc.BurnedInAnnotation = "YES"
         # An unpaired body part makes (type 2C) Laterality not required.
         sc.BodyPartExamined = reference.get("BodyPartExamined") or "BRAIN"
+        resampled = "" if resampling is None else " (resampled onto a regular grid)"
         sc.DerivationDescription = (
-            f"{ALGORITHM_NAME} anomaly overlay on native slice {index} - {NOT_FOR_CLINICAL_USE}"
+            f"{ALGORITHM_NAME} anomaly overlay on native slice {index}{resampled} - {NOT_FOR_CLINICAL_USE}"
         )
         if index in by_slice:
             item = Dataset()
@@ -605,15 +743,51 @@ def _key_images(
 # --- SR ----------------------------------------------------------------------------------
 
 
+def _series_items(
+    series: SeriesReport | None, assessed: bool = True
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.TextContentItem]]:
+    """SR items on the series: which one, its contrast family, resampling, brain coverage (and,
+    when ``assessed``, the region the verdict covers)."""
+    if series is None:
+        return [], []
+    number = f"series {series.number}" if series.number else "series without a number"
+    texts = [
+        _text(CODE_SERIES, f"{number}: {series.description or '(no description)'}"),
+        _text(CODE_CONTRAST, series.contrast),
+    ]
+    measurements = []
+    if series.resampling is not None:
+        r = series.resampling
+        measurements += _num(CODE_SLICE_DEVIATION, r.max_deviation_mm, UNIT_MM)
+        texts.append(_text(CODE_RESAMPLED, (
+            f"yes: slice positions deviated from a regular {r.spacing_mm:.4g} mm grid by up to "
+            f"{r.max_deviation_mm:.3g} mm (at most {r.tolerance_mm:.3g} mm, half the slice thickness, is "
+            "accepted) and were resampled onto it along the slice normal")))
+    if series.coverage is not None:
+        measurements += _num(CODE_COVERAGE, series.coverage, UNIT_RATIO)
+        percent = 100.0 * series.coverage
+        if assessed and series.coverage >= WHOLE_BRAIN_COVERAGE:
+            region = f"the whole brain ({percent:.0f} % of a typical brain in the field of view)"
+            texts.append(_text(CODE_REGION, region))
+        elif assessed:
+            region = (f"partial coverage: the imaged {percent:.0f} % of a typical brain only; the other "
+                      f"{100.0 - percent:.0f} % is outside the field of view and NOT assessed (neither normal "
+                      "nor abnormal)")
+            texts.append(_text(CODE_REGION, region))
+    return measurements, texts
+
+
 def _study_group(
-    assessment: Assessment, algorithm: hd.sr.AlgorithmIdentification
+    assessment: Assessment, algorithm: hd.sr.AlgorithmIdentification, series: SeriesReport | None = None
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    series_measurements, series_texts = _series_items(series)
     measurements = [
         *_num(CODE_ANOMALY_SCORE, assessment.study_score, UNIT_NONE),
         *_num(CODE_SCORE_THRESHOLD, assessment.threshold, UNIT_NONE),
         *_num(CODE_STUDY_FPR, assessment.false_positive_rate, UNIT_RATIO),
         *_num(CODE_VOXEL_THRESHOLD, assessment.voxel_threshold, UNIT_NONE),
         *_num(CODE_VOXEL_FPR, assessment.voxel_false_positive_rate, UNIT_RATIO),
+        *series_measurements,
     ]
     verdict = CODE_ABNORMAL if assessment.is_abnormal else CODE_NORMAL
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -625,6 +799,7 @@ def _study_group(
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(CODE_FINDING, verdict)],
     )
     content = group[0].ContentSequence
+    content.extend(series_texts)
     content.append(_text(CODE_CONFIGURATION, assessment.configuration))
     if assessment.brain_extraction:
         content.append(_text(CODE_BRAIN_EXTRACTION, assessment.brain_extraction))
@@ -681,12 +856,18 @@ def write_assessment(
     out_dir: Path,
     *,
     algorithm_version: str,
+    series: SeriesReport | None = None,
 ) -> list[Path]:
     """Write SEG (when there are findings), key images and a TID 1500 SR into the source study.
 
-    ``volume`` is the one ``read_series`` built from ``source_datasets``; the native maps of
-    ``assessment`` are on its grid. All files appear in ``out_dir`` or none do.
+    ``volume`` is the one ``load_series`` built from ``source_datasets``; the native maps of
+    ``assessment`` are on its grid. ``series`` adds the series, its contrast family, the
+    resampling (which the SEG and key images then follow) and the brain coverage to the SR.
+    All files appear in ``out_dir`` or none do.
     """
+    resampling = series.resampling if series is not None else None
+    if resampling is not None and len(resampling.slice_instances) != volume.spatial_shape[0]:
+        raise ValueError("the resampling does not describe this volume (slice counts differ)")
     _check_study(source_datasets)
     if assessment.verdict not in ("abnormal", "normal"):
         raise ValueError(f"unknown verdict {assessment.verdict!r}")
@@ -709,11 +890,11 @@ def write_assessment(
     seg = None
     if findings:
         seg = _segmentation(
-            source_datasets, volume, assessment, findings, tracking_uids, algorithm_version
+            source_datasets, volume, assessment, findings, tracking_uids, algorithm_version, resampling
         )
-    key_images = _key_images(source_datasets, volume, assessment, algorithm_version)
+    key_images = _key_images(source_datasets, volume, assessment, algorithm_version, resampling)
 
-    groups: list = [_study_group(assessment, algorithm)]
+    groups: list = [_study_group(assessment, algorithm, series)]
     if seg is not None:
         groups += [_finding_group(f, seg, tracking_uids[f.label], algorithm) for f in findings]
     report = hd.sr.MeasurementReport(
@@ -741,9 +922,14 @@ def write_not_assessed(
     out_dir: Path,
     *,
     algorithm_version: str,
+    series: SeriesReport | None = None,
 ) -> list[Path]:
-    """Write one TID 1500 SR stating the study was not assessed, and why (atomically)."""
+    """Write one TID 1500 SR stating the study was not assessed, and why (atomically).
+
+    ``series``, when a series was chosen, adds what is known of it (``_series_items``).
+    """
     _check_study(source_datasets)
+    series_measurements, series_texts = _series_items(series, assessed=False)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"{ALGORITHM_NAME} study assessment"
@@ -751,9 +937,11 @@ def write_not_assessed(
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=ALGORITHM_NAME, version=algorithm_version, family=codes.DCM.ArtificialIntelligence
         ),
+        measurements=series_measurements or None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(CODE_FINDING, CODE_NOT_ASSESSED)],
     )
     content = group[0].ContentSequence
+    content.extend(series_texts)
     content.append(_text(CODE_REASON, outcome.reason))
     content.append(_text(CODE_REASON_CODE, outcome.code))
     content.append(_text(CODE_DISCLAIMER, _DISCLAIMER))

@@ -37,11 +37,21 @@ CANONICAL_AFFINE = np.array(
     ]
 )
 PLAUSIBLE_BRAIN_ML = (700.0, 2300.0)  # brain masks outside this range are not trusted
+MIN_BRAIN_COVERAGE = 0.5  # the application assesses a series covering at least this fraction of a typical brain
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class PreprocessingError(ValueError):
     """The volume cannot be brought into the canonical space (not a usable head MR)."""
+
+
+class PartialCoverageError(PreprocessingError):
+    """The field of view holds less than the required fraction of a typical brain."""
+
+    def __init__(self, coverage: float, minimum: float):
+        super().__init__(f"the series covers {100 * coverage:.0f} % of a typical brain, "
+                         f"less than the {100 * minimum:.0f} % needed")
+        self.coverage = coverage
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Canonical:
     native_mask: np.ndarray  # bool, native grid, brain mask
     brain_extraction: str  # "deepbet" or "template"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per preprocessing step
+    coverage: float = 1.0  # fraction of the template brain inside the input's field of view
 
     @property
     def canonical_to_native_vox(self) -> np.ndarray:
@@ -183,8 +194,12 @@ def extract_brain(image: nib.Nifti1Image) -> np.ndarray | None:
     return mask
 
 
-def canonicalise(image: nib.Nifti1Image) -> Canonical:
-    """Bring a head MR volume into canonical space (brain extraction, registration, scaling)."""
+def canonicalise(image: nib.Nifti1Image, min_coverage: float = 0.0) -> Canonical:
+    """Bring a head MR volume into canonical space (brain extraction, registration, scaling).
+
+    ``coverage`` of the result: the fraction of the template brain inside the input's field of
+    view once registered; below ``min_coverage``, ``PartialCoverageError``.
+    """
     if image.ndim != 3 or min(image.shape) < 8:
         raise PreprocessingError(f"needs a 3D volume with at least 8 slices, got shape {image.shape}")
     data = np.nan_to_num(np.asarray(image.get_fdata(dtype=np.float32)))
@@ -207,8 +222,11 @@ def canonicalise(image: nib.Nifti1Image) -> Canonical:
     clock = time.perf_counter()
     canonical_to_native_vox = np.linalg.inv(affine) @ to_canonical @ CANONICAL_AFFINE
     canonical = resample(data, canonical_to_native_vox, SHAPE, order=1)
+    field_of_view = resample(np.ones(image.shape, np.float32), canonical_to_native_vox, SHAPE, order=0) > 0.5
+    coverage = float((template()[1] & field_of_view).sum() / template()[1].sum())
+    if coverage < min_coverage:
+        raise PartialCoverageError(coverage, min_coverage)
     if native_mask is None:  # the template's brain, where the input's field of view covers it
-        field_of_view = resample(np.ones(image.shape, np.float32), canonical_to_native_vox, SHAPE, order=0) > 0.5
         mask = template()[1] & field_of_view
         native_to_canonical_vox = np.linalg.inv(canonical_to_native_vox)
         native_mask = resample(mask, native_to_canonical_vox, image.shape, order=0) > 0.5
@@ -227,6 +245,7 @@ def canonicalise(image: nib.Nifti1Image) -> Canonical:
         native_mask=native_mask,
         brain_extraction=method,
         timings=timings,
+        coverage=coverage,
     )
 
 

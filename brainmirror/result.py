@@ -52,3 +52,24 @@ class NotAssessed:
 
     reason: str
     code: str  # short machine-readable reason, e.g. "no-suitable-series"
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """A series whose slice positions were put on a regular grid along the slice normal."""
+
+    max_deviation_mm: float  # largest distance of a source slice from its grid position
+    tolerance_mm: float  # the largest distance accepted (half the slice thickness)
+    spacing_mm: float  # slice spacing of the regular grid
+    slice_instances: tuple[str, ...]  # SOP Instance UID of the source slice of each grid slice, in grid order
+
+
+@dataclass(frozen=True)
+class SeriesReport:
+    """What the SR says about the series assessed (or refused): which one, and how it was used."""
+
+    description: str  # SeriesDescription ("" when absent)
+    number: str  # SeriesNumber ("" when absent)
+    contrast: str  # "T1", "T1 post-contrast", "T2", "FLAIR", "PD" or "unknown"
+    resampling: Resampling | None = None  # set when the slices were put on a regular grid
+    coverage: float | None = None  # fraction of a typical brain inside the field of view, once known

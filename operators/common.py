@@ -17,6 +17,7 @@ import highdicom as hd
 from pydicom import Dataset
 
 from brainmirror.detector import Detector
+from brainmirror.result import SeriesReport
 
 __all__ = ["ExitCode", "RunStatus", "SourceStudy", "DetectorProvider", "bundle_exists", "timed"]
 
@@ -72,11 +73,13 @@ class RunStatus:
 
 @dataclass
 class SourceStudy:
-    """The study being assessed: the instances the results refer to and, once read, their volume."""
+    """The study being assessed: the instances the results refer to, once read their volume, and
+    what the SR says about the chosen series (its contrast, resampling, brain coverage)."""
 
     study_instance_uid: str | None
     datasets: list[Dataset] = field(default_factory=list)
     volume: hd.Volume | None = None
+    series: SeriesReport | None = None
 
 
 def bundle_exists(models_dir: Path) -> bool:

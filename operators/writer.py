@@ -53,7 +53,7 @@ class AssessmentWriterOperator(Operator):
     def _assessed(self, study: SourceStudy, assessment: Assessment) -> None:
         with self._status.lock:
             paths = write_assessment(study.datasets, study.volume, assessment, self._output_folder,
-                                     algorithm_version=self._algorithm_version)
+                                     algorithm_version=self._algorithm_version, series=study.series)
             self._status.record(study.study_instance_uid, ExitCode.ASSESSED, paths)
         log.info(
             "Study %s assessed: %s, anomaly score %.6g (threshold %.6g, %s), %d finding(s); wrote %d files to %s",
@@ -68,7 +68,7 @@ class AssessmentWriterOperator(Operator):
             return
         with self._status.lock:
             paths = write_not_assessed(study.datasets, outcome, self._output_folder,
-                                       algorithm_version=self._algorithm_version)
+                                       algorithm_version=self._algorithm_version, series=study.series)
             self._status.record(study.study_instance_uid, ExitCode.NOT_ASSESSED, paths)
         log.warning("Study %s NOT ASSESSED (%s): %s Wrote a not-assessed SR to %s",
                     study.study_instance_uid, outcome.code, outcome.reason, self._output_folder)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -57,7 +57,9 @@ from test_app import (
     _sr_items,
     _stack_limit,
     assert_no_traceback,
+    referenced_uids,
     sr_finding,
+    sr_numbers,
     sr_texts,
 )
 
@@ -76,6 +78,7 @@ from brainmirror.preprocess import PreprocessingError, canonicalise
 PATIENT_NAME = "Xylophone^Quokka"  # must never appear in a log
 PATIENT_WORDS = ("xylophone", "quokka")
 RULES = REPO / "operators" / "series_selection.json"
+needs_dciodvfy_here = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed")
 MR_ONLY = ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "SequenceName", "AngioFlag",
            "RepetitionTime", "EchoTime", "InversionTime", "NumberOfAverages", "ImagingFrequency", "ImagedNucleus",
            "EchoNumbers", "MagneticFieldStrength", "EchoTrainLength", "FlipAngle", "SpacingBetweenSlices")
@@ -423,7 +426,7 @@ NOT_ASSESSED_CASES = [
     Case("localizers-only", _localizers_only, "no-suitable-series"),
     Case("single-slice", _single_slice, "preprocessing-failed", "at least 8 slices"),
     Case("all-zeros", _all_zeros, "preprocessing-failed", "constant"),
-    Case("no-brain-in-view", _no_brain_in_view, "preprocessing-failed", "too little brain"),
+    Case("no-brain-in-view", _no_brain_in_view, "partial-coverage", "covers 4 % of a typical brain"),
     Case("no-positions", _no_positions, "invalid-series", "cannot form a volume"),
     Case("irregular-spacing", _irregular_spacing, "invalid-series", "cannot form a volume"),
 ]
@@ -916,3 +919,320 @@ def test_stuck_run_ends_at_the_timeout(demo: Demo, models_dir: Path, tmp_path: P
     assert len(re.findall(r"timed out: no study finished within 3 s", run.log)) == 1
     assert not run.output.exists() or not any(run.output.iterdir())  # nothing partial left behind
     assert hashes_equal(run)
+
+
+# --- the series real scanners write: jittered positions, gaps, partial coverage, contrast -----
+
+JITTERS_MM = (0.1, 0.3, 0.5)
+SCORE_TOLERANCE = 0.05  # |jittered score - clean score| <= this x the study threshold (measured: at most 0.032)
+
+
+def thick_slices(volume: hd.Volume, first: int, count: int, thickness: int = 5, gap: int = 1) -> hd.Volume:
+    """A 2D acquisition from a 1 mm volume: ``count`` slabs of ``thickness`` slices (their mean), ``gap`` apart."""
+    step = thickness + gap
+    array = np.stack([np.asarray(volume.array[first + i * step:first + i * step + thickness]).mean(axis=0)
+                      for i in range(count)])
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ np.array([first + (thickness - 1) / 2, 0.0, 0.0]) + volume.affine[:3, 3]
+    affine[:3, 0] *= step
+    return hd.Volume(array, affine, coordinate_system="PATIENT", frame_of_reference_uid=volume.frame_of_reference_uid)
+
+
+def jitter_positions(paths: list[Path], jitter_mm: float, seed: int = 0) -> list[float]:
+    """Move each slice along its normal by a random amount, the largest exactly ``jitter_mm``; pixels unchanged."""
+    offsets = np.random.default_rng(seed).uniform(-1.0, 1.0, len(paths))
+    offsets *= jitter_mm / np.abs(offsets).max()
+    for path, offset in zip(paths, offsets):
+        ds = pydicom.dcmread(path)
+        normal = hd.spatial.get_normal_vector([float(v) for v in ds.ImageOrientationPatient])
+        ds.ImagePositionPatient = [_ds(v) for v in np.array([float(v) for v in ds.ImagePositionPatient])
+                                   + offset * normal]
+        ds.save_as(path, enforce_file_format=True)
+    return offsets.tolist()
+
+
+def _clinical_2d(demo: Demo, folder: Path, study: str | None = None) -> list[Path]:
+    """20 axial slices of 5 mm every 6 mm (1 mm gaps), post-contrast T1, as a 1.5 T scanner writes them."""
+    return write_series(thick_slices(demo.volume, 29, 20), folder, demo.template, study=study,
+                        description="T1 POST GAD", acquisition="2D",
+                        edits={"SliceThickness": "5", "SpacingBetweenSlices": "6", "SeriesNumber": "5",
+                               "ContrastBolusAgent": "Gadobutrol", "MagneticFieldStrength": "1.5"})
+
+
+@pytest.mark.parametrize("jitter", JITTERS_MM)
+@pytest.mark.parametrize("geometry", ["1mm-3d", "5mm-2d-gaps"])
+def test_jittered_positions_are_resampled_onto_a_regular_grid(geometry: str, jitter: float, demo: Demo,
+                                                              tmp_path: Path) -> None:
+    from brainmirror.dicom import load_series
+
+    if geometry == "1mm-3d":
+        paths = write_series(demo.volume[60:100], tmp_path, demo.template)
+    else:
+        paths = _clinical_2d(demo, tmp_path)
+    clean = _volume(tmp_path)
+    jitter_positions(paths, jitter)
+    (datasets,) = read_dicom_series(tmp_path).values()
+    with pytest.raises(ValueError, match="regularly-spaced"):  # highdicom's own tolerance refuses it
+        hd.get_volume_from_series(datasets)
+    volume, resampling = load_series(datasets)
+    assert resampling is not None and 0.9 * jitter <= resampling.max_deviation_mm <= jitter + 1e-3
+    thickness = 1.0 if geometry == "1mm-3d" else 5.0
+    assert resampling.tolerance_mm == pytest.approx(thickness / 2, abs=0.01)
+    assert volume.spatial_shape == clean.spatial_shape
+    np.testing.assert_allclose(volume.affine, clean.affine, atol=jitter + 1e-3)
+    # one grid slice per source slice, in order along the normal
+    positions = {str(ds.SOPInstanceUID): float(np.asarray(ds.ImagePositionPatient, float) @ volume.affine[:3, 0])
+                 for ds in datasets}
+    assert np.all(np.diff([positions[uid] for uid in resampling.slice_instances]) > 0)
+    # the content moves by at most the interpolation between neighbours, weighted by the jitter
+    step = np.abs(np.diff(clean.array, axis=0)).mean()
+    assert np.abs(volume.array - clean.array).mean() <= (jitter / volume.spacing_between_slices + 0.01) * step
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("gap", "slice(s) missing"),
+        ("gap-jittered", "slice(s) missing"),
+        ("near-duplicate", "duplicates with different content"),
+        ("too-far", "more than half the slice thickness"),
+        ("mixed-orientation", "same orientation"),
+    ],
+)
+def test_positions_beyond_the_tolerance_are_refused(damage: str, message: str, demo: Demo, tmp_path: Path) -> None:
+    from brainmirror.dicom import load_series
+
+    paths = _clinical_2d(demo, tmp_path)
+    if damage.startswith("gap"):
+        paths.pop(9).unlink()
+        if damage == "gap-jittered":
+            jitter_positions(paths, 0.3)
+    elif damage == "near-duplicate":  # another image 0.2 mm from slice 10
+        ds = pydicom.dcmread(paths[10])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = hd.UID()
+        ds.ImagePositionPatient = [_ds(float(v)) for v in ds.ImagePositionPatient[:2]] + \
+            [_ds(float(ds.ImagePositionPatient[2]) + 0.2)]
+        ds.PixelData = pydicom.dcmread(paths[11]).PixelData
+        ds.save_as(tmp_path / "extra.dcm", enforce_file_format=True)
+    elif damage == "too-far":  # positions drift 4.5 mm back and forth; 5 mm slices: 2.5 mm allowed
+        for k, path in enumerate(paths):
+            ds = pydicom.dcmread(path)
+            ds.ImagePositionPatient[2] = _ds(float(ds.ImagePositionPatient[2]) + 4.5 * np.sin(2 * np.pi * k / 19))
+            ds.save_as(path, enforce_file_format=True)
+    else:
+        jitter_positions(paths, 0.1)
+        ds = pydicom.dcmread(paths[10])
+        ds.ImageOrientationPatient = [_ds(v) for v in (1, 0, 0, 0, 0.9998, -0.02)]
+        ds.save_as(paths[10], enforce_file_format=True)
+    (datasets,) = read_dicom_series(tmp_path).values()
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        load_series(datasets)
+    assert str(info.value).startswith("cannot form a volume") and "\n" not in str(info.value)
+
+
+@needs_dciodvfy_here
+def test_resampled_series_results_map_onto_the_source_instances(demo: Demo, tmp_path: Path) -> None:
+    """SEG frames sit on the source images (slice i of the grid on the instance it came from); valid DICOM."""
+    from brainmirror.dicom import load_series, write_assessment
+    from brainmirror.result import Assessment, Finding
+    from brainmirror.series import describe_series
+
+    paths = _clinical_2d(demo, tmp_path / "in", study=hd.UID())
+    jitter_positions(paths, 0.5)
+    (datasets,) = read_dicom_series(tmp_path / "in").values()
+    volume, resampling = load_series(datasets)
+    labels = np.zeros(volume.spatial_shape, np.uint8)
+    labels[8:11, 90:110, 80:100] = 1
+    scores = np.where(labels > 0, 5.0, 0.0).astype(np.float32)
+    assessment = Assessment(
+        verdict="abnormal", study_score=2.0, threshold=1.0, false_positive_rate=0.05, voxel_threshold=3.0,
+        voxel_false_positive_rate=0.001, configuration="combined", slice_scores=scores.max(axis=(1, 2)),
+        anomaly_map=scores, segmentation=labels,
+        findings=[Finding(1, 7.2, "left", (8, 10), 5.0, (9.0, 100.0, 90.0))])
+    series = replace(describe_series(datasets), resampling=resampling, coverage=0.8)
+    written = write_assessment(datasets, volume, assessment, tmp_path / "out", algorithm_version="test",
+                               series=series)
+    assert not any(validate(path) for path in written)
+    sources = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    (seg_path,) = [p for p in written if p.name.startswith("SEG")]
+    seg = pydicom.dcmread(seg_path)
+    frames = seg.PerFrameFunctionalGroupsSequence
+    assert len(frames) == 3
+    for frame in frames:
+        source = sources[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert np.allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                           [float(v) for v in source.ImagePositionPatient], atol=1e-3)
+        assert resampling.slice_instances.index(str(source.SOPInstanceUID)) in (8, 9, 10)
+    for key in [p for p in written if p.name.startswith("KEY")]:
+        assert referenced_uids(pydicom.dcmread(key, stop_before_pixels=True)) <= set(sources)
+    sr = pydicom.dcmread(next(p for p in written if p.name.startswith("SR")))
+    texts, numbers = sr_texts(sr), sr_numbers(sr)
+    assert texts["Assessed series"] == "series 5: T1 POST GAD" and texts["Contrast family"] == "T1 post-contrast"
+    assert numbers["Maximum slice position deviation"] == pytest.approx(resampling.max_deviation_mm, abs=1e-6)
+    assert texts["Slice positions resampled"].startswith("yes: ")
+    assert numbers["Brain coverage"] == pytest.approx(0.8) and "NOT assessed" in texts["Assessed region"]
+
+
+@pytest.mark.parametrize(
+    ("description", "agent", "family"),
+    [
+        ("T1 POST GAD", None, "T1 post-contrast"),
+        ("T1+C", None, "T1 post-contrast"),
+        ("MPRAGE post contrast", None, "T1 post-contrast"),
+        ("AX POST GAD", None, "T1 post-contrast"),
+        ("t1_se_tra", "Gadobutrol", "T1 post-contrast"),
+        ("T1 PRE GAD", None, "T1"),
+        ("T1 3D post-op", None, "T1"),
+        ("t1_mprage_sag_p2_iso", None, "T1"),
+        ("T1 FLAIR tra", None, "T1"),
+        ("t2_tse_tra", None, "T2"),
+        ("T2 FLAIR +C", "Gadobutrol", "FLAIR"),
+        ("PD FS cor", None, "PD"),
+        ("sequence 7", None, "unknown"),
+    ],
+)
+def test_contrast_family(description: str, agent: str | None, family: str, demo: Demo) -> None:
+    from brainmirror.series import contrast_family
+
+    ds = copy.deepcopy(demo.template)
+    ds.SeriesDescription, ds.SequenceName = description, "*se2d1"  # the demo's "*tfl3d1" says T1
+    if agent:
+        ds.ContrastBolusAgent = agent
+    assert contrast_family(ds) == family
+
+
+@pytest.mark.parametrize(
+    ("series", "chosen"),
+    [
+        ((("T1 POST GAD", "2D", "FPL"), ("ep2d_diff_tra", "2D", "FPL")), "T1 POST GAD"),
+        ((("MPRAGE post contrast", "3D", "LFP"), ("AX T2 FLAIR", "2D", "FPL")), "MPRAGE post contrast"),
+        ((("SAG T1+C", "2D", "LFP"), ("COR PD FS", "2D", "PFL")), "SAG T1+C"),
+        ((("Ax Gd", "2D", "FPL"),), "Ax Gd"),
+    ],
+    ids=["axial-post-gad", "3d-post-contrast", "sagittal-and-coronal-2d-only", "post-gd-only"],
+)
+def test_selection_picks_a_brain_series_in_contrast_studies(series: tuple, chosen: str, demo: Demo,
+                                                            tmp_path: Path) -> None:
+    study = hd.UID()
+    for number, (description, acquisition, orientation) in enumerate(series, start=1):
+        volume = demo.small.to_patient_orientation(orientation)
+        middle = volume.spatial_shape[0] // 2
+        write_series(volume[middle - 6:middle + 6:3], tmp_path / str(number), demo.template, study=study,
+                     description=description, acquisition=acquisition,
+                     edits={"ContrastBolusAgent": "Gadoterate"})
+    assert _selection(tmp_path)[0] == chosen
+
+
+# one whole-app run over the scanner cases (studies assessed one by one, the model loaded once)
+
+
+@dataclass(frozen=True)
+class ScannerCase:
+    name: str
+    build: Callable[[Demo, Path, str], None]
+    code: str | None = None  # None: assessed
+
+
+def _3d(jitter: float) -> Callable[[Demo, Path, str], None]:
+    def build(demo: Demo, folder: Path, study: str) -> None:
+        paths = write_series(demo.volume, folder, demo.template, study=study, description="t1_mprage_sag")
+        if jitter:
+            jitter_positions(paths, jitter)
+    return build
+
+
+def _2d(jitter: float) -> Callable[[Demo, Path, str], None]:
+    def build(demo: Demo, folder: Path, study: str) -> None:
+        paths = _clinical_2d(demo, folder, study)
+        if jitter:
+            jitter_positions(paths, jitter)
+    return build
+
+
+def _partial(first: int, stop: int) -> Callable[[Demo, Path, str], None]:
+    def build(demo: Demo, folder: Path, study: str) -> None:
+        write_series(demo.small[first:stop], folder, demo.template, study=study, description="T1 3D slab")
+    return build
+
+
+SCANNER_CASES = [
+    ScannerCase("1mm-3d", _3d(0.0)),
+    *[ScannerCase(f"1mm-3d-jitter-{j}", _3d(j)) for j in JITTERS_MM],
+    ScannerCase("5mm-2d-gaps", _2d(0.0)),
+    *[ScannerCase(f"5mm-2d-gaps-jitter-{j}", _2d(j)) for j in JITTERS_MM],
+    ScannerCase("partial-60", _partial(32, 62)),  # 30 slices of 2 mm through the middle of the brain
+    ScannerCase("partial-20", _partial(46, 56), "partial-coverage"),  # 10 slices of 2 mm
+]
+
+
+@pytest.fixture(scope="module")
+def scanner_batch(demo: Demo, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Batch:
+    root = tmp_path_factory.mktemp("scanner")
+    studies = {}
+    for case in SCANNER_CASES:
+        studies[case.name] = hd.UID()
+        case.build(demo, root / "in" / case.name, studies[case.name])
+    return Batch(run_measured(root / "in", root / "out", models_dir), studies, root / "in")
+
+
+def _scanner_sr(batch: Batch, case: str) -> pydicom.Dataset:
+    (path,) = batch.outputs(case)["SR"]
+    return pydicom.dcmread(path)
+
+
+@pytest.mark.slow
+def test_scanner_batch_outcomes(scanner_batch: Batch) -> None:
+    run = scanner_batch.run
+    assert run.returncode == 3, run.log[-3000:]  # partial-20 is not assessed
+    assert_no_traceback(run)
+    assert hashes_equal(run)
+    for case in SCANNER_CASES:
+        uid = scanner_batch.studies[case.name]
+        if case.code is None:
+            assert len(re.findall(rf"Study {re.escape(uid)} assessed: ", run.log)) == 1, case.name
+        else:
+            assert len(re.findall(rf"Study {re.escape(uid)} NOT ASSESSED \({case.code}\)", run.log)) == 1, case.name
+    if shutil.which("dciodvfy"):
+        errors = {path.name: validate(path) for path in sorted(run.output.glob("*.dcm"))}
+        assert errors and not any(errors.values()), {k: v for k, v in errors.items() if v}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jitter", JITTERS_MM)
+@pytest.mark.parametrize("geometry", ["1mm-3d", "5mm-2d-gaps"])
+def test_jittered_study_matches_the_clean_one(geometry: str, jitter: float, scanner_batch: Batch) -> None:
+    clean, jittered = _scanner_sr(scanner_batch, geometry), _scanner_sr(scanner_batch, f"{geometry}-jitter-{jitter}")
+    assert sr_finding(jittered) == sr_finding(clean)
+    clean_numbers, numbers = sr_numbers(clean), sr_numbers(jittered)
+    difference = abs(numbers["Anomaly score"] - clean_numbers["Anomaly score"])
+    print(f"\n{geometry} jitter {jitter} mm: score {numbers['Anomaly score']:.4g} "
+          f"(clean {clean_numbers['Anomaly score']:.4g}, threshold {clean_numbers['Anomaly score threshold']:.4g})")
+    assert difference <= SCORE_TOLERANCE * abs(clean_numbers["Anomaly score threshold"])
+    assert 0.9 * jitter <= numbers["Maximum slice position deviation"] <= jitter + 1e-3
+    assert "Maximum slice position deviation" not in clean_numbers
+    assert sr_texts(jittered)["Slice positions resampled"].startswith("yes: ")
+
+
+@pytest.mark.slow
+def test_clinical_2d_series_with_gaps_is_assessed_with_its_contrast_and_coverage(scanner_batch: Batch) -> None:
+    sr = _scanner_sr(scanner_batch, "5mm-2d-gaps")
+    texts, numbers = sr_texts(sr), sr_numbers(sr)
+    assert texts["Assessed series"] == "series 5: T1 POST GAD" and texts["Contrast family"] == "T1 post-contrast"
+    assert 0.5 <= numbers["Brain coverage"] <= 1.0
+    assert _scanner_sr(scanner_batch, "1mm-3d").ContentSequence and \
+        sr_numbers(_scanner_sr(scanner_batch, "1mm-3d"))["Brain coverage"] >= 0.95
+
+
+@pytest.mark.slow
+def test_partial_coverage_is_assessed_above_the_fraction_and_refused_below(scanner_batch: Batch) -> None:
+    partial = _scanner_sr(scanner_batch, "partial-60")
+    assert sr_finding(partial) != NOT_ASSESSED
+    coverage = sr_numbers(partial)["Brain coverage"]
+    assert 0.5 <= coverage <= 0.7
+    assert f"the imaged {100 * coverage:.0f} % of a typical brain only" in sr_texts(partial)["Assessed region"]
+    assert "NOT assessed" in sr_texts(partial)["Assessed region"]
+    refused = _scanner_sr(scanner_batch, "partial-20")
+    assert sr_finding(refused) == NOT_ASSESSED
+    assert sr_texts(refused)["Reason code"] == "partial-coverage"
+    assert "less than the 50 % needed" in sr_texts(refused)["Reason not assessed"]
+    assert sr_numbers(refused)["Brain coverage"] < 0.3
