@@ -32,7 +32,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PREPARATION_VERSION = 2
-"""Bump whenever ``prepare`` changes its output: prepared anatomies are cached per version."""
+"""Bump whenever ``prepare`` changes its output: prepared anatomies (and the studies made from
+them) are cached per ``version_tag``, which also changes with any pinned file."""
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,14 @@ def fetch(name: str) -> dict[str, Path]:
 
 
 # -- preparation ---------------------------------------------------------------------------
+def version_tag() -> str:
+    """Changes whenever prepared anatomies may change: the preparation version or any pinned file."""
+    pins = [f.sha256 for source in SOURCES.values() for f in (source.t1, source.brain) if f is not None]
+    return f"v{PREPARATION_VERSION}-{sha256(' '.join([str(PREPARATION_VERSION), *pins]).encode())[:8]}"
+
+
 def prepared_path(name: str) -> Path:
-    return cache_dir() / name / f"prepared-v{PREPARATION_VERSION}.npz"
+    return cache_dir() / name / f"prepared-{version_tag()}.npz"
 
 
 def prepare(name: str) -> Path:

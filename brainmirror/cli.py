@@ -33,18 +33,19 @@ def _add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int,
 
 
 def _sources(args: argparse.Namespace, stream: str, synthetic_default: int):
-    """Site data, or the virtual healthy cohort of the training anatomies (never the held-out ones)."""
+    """(sources, description, anatomies): site data, or the virtual healthy cohort of the training
+    anatomies (never the held-out ones); ``anatomies`` is empty for site data."""
     from .anatomies import TRAINING_ANATOMIES as anatomies
     from .training import folder_sources, synthetic_sources
 
     if args.data is not None:
         if not args.data.exists():
             raise SystemExit(f"error: --data {args.data} does not exist")
-        return list(folder_sources(args.data)), f"site data: {args.data}"
+        return list(folder_sources(args.data)), f"site data: {args.data}", ()
     count = args.synthetic if args.synthetic is not None else synthetic_default
     return list(synthetic_sources(stream, count, anatomies)), (
         f"SYNTHETIC: {count} studies of the virtual healthy cohort ({', '.join(anatomies)} anatomy, "
-        f"stream '{stream}'), T1/T2/FLAIR/PD-like contrasts")
+        f"stream '{stream}'), T1/T2/FLAIR/PD-like contrasts"), anatomies
 
 
 def _training_config(args: argparse.Namespace):
@@ -72,8 +73,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | N
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
-    sources, description = _sources(args, "train", 48)
-    train(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet)
+    sources, description, anatomies = _sources(args, "train", 48)
+    train(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet,
+          anatomies=anatomies)
     print(f"model written to {args.output}; calibrate it next: python -m brainmirror calibrate --model {args.output}")
     return 0
 
@@ -81,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_train_baseline(args: argparse.Namespace) -> int:
     from .training import train_raw_vae_baseline
 
-    sources, description = _sources(args, "train", 48)
+    sources, description, _ = _sources(args, "train", 48)
     train_raw_vae_baseline(sources, args.output, args.work, _training_config(args), description, progress=not args.quiet)
     print(f"raw-slice VAE baseline written to {args.output}; `brainmirror evaluate` scores it beside the model")
     return 0
@@ -92,9 +94,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .training import train
 
     base = Detector.load(args.model)
-    sources, description = _sources(args, "train", 16)
+    sources, description, anatomies = _sources(args, "train", 16)
     train(sources, args.output, args.work / "finetune", _training_config(args),
-          f"fine-tuned from {base.version} on {description}", base=base, progress=not args.quiet)
+          f"fine-tuned from {base.version} on {description}", base=base, progress=not args.quiet,
+          anatomies=anatomies)
     print(f"fine-tuned model written to {args.output}; calibrate it next: "
           f"python -m brainmirror calibrate --model {args.output} --data <held-out normal studies>")
     return 0
@@ -105,9 +108,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .training import calibrate, prepare
 
     detector = Detector.load(args.model)
-    sources, description = _sources(args, "calibration", 24)
+    sources, description, anatomies = _sources(args, "calibration", 24)
     studies = prepare(sources, args.work / "cache", progress=not args.quiet)
-    result = calibrate(detector, studies, args.study_fpr, args.voxel_fpr, description, progress=not args.quiet)
+    result = calibrate(detector, studies, args.study_fpr, args.voxel_fpr, description, progress=not args.quiet,
+                       anatomies=anatomies)
     detector.save(args.model)
     for name, c in result["study"].items():
         print(f"{name:9s} threshold {c['threshold']:8.3f}  FPR {c['fpr']:.1%} (observed {c['observed_fpr']:.1%} on {c['n_studies']} studies)")
@@ -155,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .anatomies import HELD_OUT_ANATOMIES, TRAINING_ANATOMIES
+    from .anatomies import ANATOMIES, TRAINING_ANATOMIES
     from .baselines import RawVAEBaseline
     from .detector import Detector
     from .evaluate import evaluate, folder_cases, synthetic_cases
@@ -169,7 +173,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"note: no raw-slice VAE baseline at {args.baseline}; train it with `brainmirror train-baseline` "
               "to compare against it", file=sys.stderr)
     if args.quick:
-        args.validation, args.healthy, args.per_kind = 6, 5, 1
+        args.validation, args.healthy, args.per_kind = 6, 20, 1
     kinds = tuple(args.kinds.split(",")) if args.kinds else LESION_KINDS
     unknown = set(kinds) - set(LESION_KINDS)
     if unknown:
@@ -184,9 +188,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         test = synthetic_cases("evaluation", args.healthy, args.per_kind, kinds)
         description = (f"SYNTHETIC lesion suite: {args.healthy} healthy + {args.per_kind} x {len(kinds)} lesion kinds, "
-                       f"virtual cohort of real anatomies (training: {', '.join(TRAINING_ANATOMIES)}; held out, never "
-                       f"trained or calibrated on: {', '.join(HELD_OUT_ANATOMIES)}); simulated variation and lesions, "
-                       "not real patients.")
+                       f"virtual cohort of the real anatomies {', '.join(ANATOMIES)} (the model's unseen ones are "
+                       "reported apart); simulated variation and lesions, not real patients.")
     out = Path(args.reports) / args.name
     cache = None if args.data or args.validation_data else args.work / "evaluation-cache"
     metrics = evaluate(detector, validation, test, out, description, args.study_fpr, args.voxel_fpr,
@@ -232,7 +235,7 @@ def cmd_anatomies(args: argparse.Namespace) -> int:
             if source.registry != "nilearn":
                 anatomies.prepare(name)
             print(f"{name:10s} ok    {role:27s} {origin}")
-        except anatomies.FetchError as error:
+        except (anatomies.FetchError, RuntimeError, OSError, ValueError) as error:  # fetch or preparation
             failed += 1
             print(f"{name:10s} FAILED: {error}", file=sys.stderr)
     if args.action == "list":
@@ -351,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw-slice VAE baseline bundle, scored when present (default models/baselines/raw-vae)")
     p.add_argument("--name", default="synthetic", help="report name: reports/NAME (default synthetic)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="reports folder (default ./reports)")
-    p.add_argument("--quick", action="store_true", help="small run: 6 validation, 5 healthy (one per anatomy), 1 per lesion kind")
+    p.add_argument("--quick", action="store_true", help="small run: 6 validation, 20 healthy (every anatomy with every contrast), 1 per lesion kind")
     p.add_argument("--validation", type=int, default=24,
                    help="synthetic healthy validation studies of the training anatomies, for thresholds (default 24)")
     p.add_argument("--healthy", type=int, default=40,
@@ -371,10 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .anatomies import FetchError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FetchError as error:  # an anatomy of the virtual cohort could not be fetched
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -136,6 +136,11 @@ class Detector:
                             **{k: v.astype(np.float16 if v.ndim == 3 else np.float32) for k, v in self.normative.items()})
         (bundle / "configs" / "metadata.json").write_text(json.dumps(self.metadata, indent=2) + "\n")
 
+    def anatomies(self) -> tuple[str, ...]:
+        """The virtual-cohort anatomies this bundle was trained or calibrated on (as recorded)."""
+        return tuple(sorted({*self.metadata.get("training", {}).get("anatomies", []),
+                             *self.metadata.get("calibration", {}).get("anatomies", [])}))
+
     @property
     def version(self) -> str:
         return str(self.metadata.get("version", __version__))

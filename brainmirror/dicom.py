@@ -206,12 +206,15 @@ def _regularised(items: list[Dataset]) -> tuple[hd.Volume, Resampling]:
     ranks = np.arange(len(d), dtype=np.float64)
     intercept, spacing, deviation = _minimax_line(ranks, d)
     typical = float(np.median(steps))
-    increments = np.maximum(1, np.round(steps / typical))
-    if increments.max() > 1:  # a regular grid with holes may explain the positions better
-        holes = np.concatenate([[0.0], np.cumsum(increments)])
-        _, _, gap_deviation = _minimax_line(holes, d)
-        if gap_deviation < deviation / 2:
-            raise _Irregular(f"{int(holes[-1]) + 1 - len(d)} slice(s) missing (a gap of {steps.max():.3g} mm "
+    increments = np.round(steps / typical)
+    if (increments != 1).any():  # a grid with holes, or with two images in one slot, may fit better
+        slots = np.concatenate([[0.0], np.cumsum(increments)])
+        _, _, slot_deviation = _minimax_line(slots, d)
+        if slot_deviation < deviation / 2:
+            if (increments == 0).any():
+                raise _Irregular(f"an extra image {steps.min():.3g} mm from its neighbour where slices are "
+                                 f"{typical:.3g} mm apart (duplicates with different content)")
+            raise _Irregular(f"{int(slots[-1]) + 1 - len(d)} slice(s) missing (a gap of {steps.max():.3g} mm "
                              f"where slices are {typical:.3g} mm apart)")
     try:
         thickness = float(items[0].get("SliceThickness") or 0.0)
@@ -231,10 +234,12 @@ def _regularised(items: list[Dataset]) -> tuple[hd.Volume, Resampling]:
     below = np.clip(np.searchsorted(d, grid, side="right") - 1, 0, len(d) - 2)
     weight = np.clip((grid - d[below]) / (d[below + 1] - d[below]), 0.0, 1.0).astype(np.float32)
     source = volume.array
-    array = (1.0 - weight)[:, None, None] * source[below] + weight[:, None, None] * source[below + 1]
+    array = np.empty_like(source)  # slice by slice: no full-volume temporaries
+    for k, (b, w) in enumerate(zip(below, weight)):
+        array[k] = source[b] + w * (source[b + 1] - source[b])
     first = positions[order[0]] + (grid[0] - d[0]) * normal
     regular = hd.Volume.from_attributes(
-        array=array.astype(np.float32),
+        array=array,
         image_position=first.tolist(),
         image_orientation=orientation,
         pixel_spacing=[float(v) for v in items[0].PixelSpacing],
@@ -248,6 +253,19 @@ def _regularised(items: list[Dataset]) -> tuple[hd.Volume, Resampling]:
         spacing_mm=spacing,
         slice_instances=tuple(str(items[i].SOPInstanceUID) for i in order),
     )
+
+
+def _on_source_planes(source_datasets: Sequence[Dataset], volume: hd.Volume, atol_mm: float = 0.01) -> bool:
+    """Whether every slice of ``volume`` starts at the position of a single-frame source image
+    (always true for a multi-frame source, which is never resampled)."""
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in source_datasets
+                          if "ImagePositionPatient" in ds], dtype=np.float64)
+    if len(positions) == 0:
+        return True
+    affine = volume.affine  # voxel (slice, row, column) -> patient mm
+    starts = affine[:3, 3] + np.arange(volume.spatial_shape[0])[:, None] * affine[:3, 0]
+    nearest = np.linalg.norm(starts[:, None, :] - positions[None, :, :], axis=2).min(axis=1)
+    return bool(nearest.max() <= atol_mm)
 
 
 def volume_to_nifti(volume: hd.Volume) -> nib.Nifti1Image:
@@ -761,18 +779,19 @@ def _series_items(
         measurements += _num(CODE_SLICE_DEVIATION, r.max_deviation_mm, UNIT_MM)
         texts.append(_text(CODE_RESAMPLED, (
             f"yes: slice positions deviated from a regular {r.spacing_mm:.4g} mm grid by up to "
-            f"{r.max_deviation_mm:.3g} mm (at most {r.tolerance_mm:.3g} mm, half the slice thickness, is "
-            "accepted) and were resampled onto it along the slice normal")))
+            f"{r.max_deviation_mm:.3g} mm (at most {r.tolerance_mm:.3g} mm, half the smaller of slice thickness "
+            "and spacing, is accepted) and were resampled onto it along the slice normal")))
     if series.coverage is not None:
         measurements += _num(CODE_COVERAGE, series.coverage, UNIT_RATIO)
         percent = 100.0 * series.coverage
         if assessed and series.coverage >= WHOLE_BRAIN_COVERAGE:
-            region = f"the whole brain ({percent:.0f} % of a typical brain in the field of view)"
+            region = (f"the whole brain ({percent:.0f} % of a typical brain in the field of view; gaps between "
+                      "slices count as covered)")
             texts.append(_text(CODE_REGION, region))
         elif assessed:
-            region = (f"partial coverage: the imaged {percent:.0f} % of a typical brain only; the other "
-                      f"{100.0 - percent:.0f} % is outside the field of view and NOT assessed (neither normal "
-                      "nor abnormal)")
+            region = (f"partial coverage: the {percent:.0f} % of a typical brain inside the field of view only "
+                      f"(gaps between slices count as covered); the other {100.0 - percent:.0f} % is outside it and "
+                      "NOT assessed (neither normal nor abnormal); the study FPR was calibrated on whole brains")
             texts.append(_text(CODE_REGION, region))
     return measurements, texts
 
@@ -868,6 +887,9 @@ def write_assessment(
     resampling = series.resampling if series is not None else None
     if resampling is not None and len(resampling.slice_instances) != volume.spatial_shape[0]:
         raise ValueError("the resampling does not describe this volume (slice counts differ)")
+    if resampling is None and not _on_source_planes(source_datasets, volume):
+        raise ValueError("the volume's slices do not lie on the source images: a resampled series needs "
+                         "its Resampling (from load_series) in `series`")
     _check_study(source_datasets)
     if assessment.verdict not in ("abnormal", "normal"):
         raise ValueError(f"unknown verdict {assessment.verdict!r}")

@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
-from .anatomies import ANATOMIES, HELD_OUT_ANATOMIES, TRAINING_ANATOMIES, split_of
+from .anatomies import ANATOMIES, TRAINING_ANATOMIES
 from .baselines import RawVAEBaseline
 from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, slice_volume
 from .preprocess import PreprocessingError, canonicalise
@@ -294,23 +294,28 @@ def group_figures(healthy: list[Case], lesions: list[Case], thresholds: dict, me
     return out
 
 
-def anatomy_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, methods: list[str]) -> dict:
-    """Study-level figures on the training ("seen") and held-out ("unseen") anatomies apart, and per anatomy."""
-    def of(cases: list[Case], test) -> list[Case]:
-        return [c for c in cases if test(c.meta.get("anatomy"))]
+def anatomy_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, methods: list[str],
+                    seen: tuple[str, ...] = TRAINING_ANATOMIES) -> dict:
+    """Study-level figures on the anatomies the model has ``seen`` and on the others apart, and per anatomy."""
+    def split(anatomy: str | None) -> str:
+        return "seen" if anatomy in seen else "unseen"
+
+    def of(cases: list[Case], keep) -> list[Case]:
+        return [c for c in cases if keep(c.meta.get("anatomy"))]
 
     return {
-        "training_anatomies": list(TRAINING_ANATOMIES), "held_out_anatomies": list(HELD_OUT_ANATOMIES),
-        "split": {split: group_figures(of(healthy, lambda a: split_of(a) == split),
-                                       of(lesions, lambda a: split_of(a) == split), thresholds, methods)
-                  for split in ("seen", "unseen")},
+        "seen_anatomies": list(seen), "unseen_anatomies": [a for a in ANATOMIES if a not in seen],
+        "split": {name: group_figures(of(healthy, lambda a: split(a) == name), of(lesions, lambda a: split(a) == name),
+                                      thresholds, methods)
+                  for name in ("seen", "unseen")},
         "per_anatomy": {name: group_figures(of(healthy, lambda a: a == name), of(lesions, lambda a: a == name),
                                             thresholds, methods)
                         for name in ANATOMIES if any(c.meta.get("anatomy") == name for c in healthy + lesions)},
     }
 
 
-def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict) -> dict:
+def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict,
+                    seen_anatomies: tuple[str, ...] = TRAINING_ANATOMIES) -> dict:
     cases = healthy + lesions
     labels = np.array([c.label for c in cases])
     metrics: dict = {"study": {}, "slice": {}, "voxel": {}, "breakdown": {}, "thresholds": thresholds}
@@ -354,8 +359,8 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict) 
         groups["contrast"].setdefault(c.meta.get("contrast", "unknown"), []).append(c)
         groups["voxel_size"].setdefault("x".join(f"{v:g}" for v in c.meta.get("voxel_mm", [])) or "unknown", []).append(c)
         groups["noise"].setdefault("high noise" if c.meta.get("noise", 0) > 0.02 else "low noise", []).append(c)
-    if any(split_of(c.meta.get("anatomy")) for c in cases):
-        metrics["anatomy"] = anatomy_metrics(healthy, lesions, thresholds, methods)
+    if any(c.meta.get("anatomy") in ANATOMIES for c in cases):
+        metrics["anatomy"] = anatomy_metrics(healthy, lesions, thresholds, methods, seen_anatomies)
     for axis, members in groups.items():
         metrics["breakdown"][axis] = {
             key: {"n": len(group),
@@ -412,7 +417,8 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
     plt.close(fig)
 
     if "anatomy" in metrics:
-        anatomy_plot(out / "anatomy_scores.png", healthy, lesions, metrics["thresholds"]["study"]["combined"])
+        anatomy_plot(out / "anatomy_scores.png", healthy, lesions, metrics["thresholds"]["study"]["combined"],
+                     metrics["anatomy"]["seen_anatomies"])
 
     examples = [c for c in lesions if c.example is not None]
     if examples:
@@ -438,7 +444,7 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
     (out / "summary.md").write_text(summary_markdown(metrics, description))
 
 
-def anatomy_plot(path: Path, healthy: list[Case], lesions: list[Case], threshold: float) -> None:
+def anatomy_plot(path: Path, healthy: list[Case], lesions: list[Case], threshold: float, seen: list[str]) -> None:
     """`combined` study scores per anatomy, healthy and lesion studies side by side, with the threshold."""
     import matplotlib.pyplot as plt
 
@@ -451,7 +457,7 @@ def anatomy_plot(path: Path, healthy: list[Case], lesions: list[Case], threshold
             ax.scatter(x + offset + rng.uniform(-0.08, 0.08, len(y)), y, s=14, color=colour, alpha=0.75,
                        label=label if x == 0 else None)
     ax.axhline(threshold, color="grey", ls="--", lw=1, label="calibrated 5 % FPR threshold")
-    ax.set_xticks(range(len(names)), [f"{n}\n{'seen' if split_of(n) == 'seen' else 'UNSEEN'}" for n in names])
+    ax.set_xticks(range(len(names)), [f"{n}\n{'seen' if n in seen else 'UNSEEN'}" for n in names])
     ax.set(ylabel="study score (combined)", title="Study scores by anatomy (SYNTHETIC studies)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
@@ -499,14 +505,17 @@ def summary_markdown(metrics: dict, description: str) -> str:
 
 def anatomy_markdown(figures: dict, fmt) -> list[str]:
     """The by-anatomy section of the summary: `combined` and the best baseline, seen / unseen / each anatomy."""
+    recorded = "" if figures.get("recorded_by_the_bundle", True) else (
+        " (The bundle does not record its anatomies: the configured training anatomies are taken as seen.)")
     lines = ["\n## By anatomy: seen (training) and unseen (held out)\n",
-             f"Training anatomies (networks, healthy statistics, thresholds): {', '.join(figures['training_anatomies'])}. "
-             f"Held out, never used for training, statistics or thresholds: {', '.join(figures['held_out_anatomies'])}. "
-             "FPR: healthy studies above the calibrated 5 % threshold, with its exact 95 % interval.\n",
+             f"Seen: the anatomies the model bundle records as trained or calibrated on "
+             f"({', '.join(figures['seen_anatomies'])}). Unseen: never used for its training, healthy statistics "
+             f"or calibration ({', '.join(figures['unseen_anatomies']) or 'none'}).{recorded} FPR: healthy studies "
+             "above the calibrated study threshold, with its exact 95 % interval.\n",
              "| anatomies | healthy | lesion | healthy score median / p95 | FPR [95% CI] | AUROC [95% CI] | focal >=10 mm AUROC | best baseline AUROC |",
              "|---|---|---|---|---|---|---|---|"]
     rows = [(f"**{split}**", g) for split, g in figures["split"].items()]
-    rows += [(f"{name} ({'seen' if name in figures['training_anatomies'] else 'unseen'})", g)
+    rows += [(f"{name} ({'seen' if name in figures['seen_anatomies'] else 'unseen'})", g)
              for name, g in figures["per_anatomy"].items()]
     for label, group in rows:
         c = group["combined"]
@@ -525,6 +534,9 @@ def evaluate(detector: Detector, calibration_sources, test_sources, out: Path, d
 
     ``cache``: folder for preprocessed cases, so a rerun (e.g. of another model) skips preprocessing.
     ``raw_vae``: the raw-slice VAE baseline, scored beside the model when given.
+    Anatomies count as seen when the bundle records them as trained or calibrated on; a bundle
+    that records none is taken to have seen the configured ``TRAINING_ANATOMIES`` (and the
+    report says so).
     """
     validation = score_cases(detector, calibration_sources, "validation (healthy)", progress, cache, raw_vae=raw_vae)
     if len(validation) < 2:
@@ -533,7 +545,9 @@ def evaluate(detector: Detector, calibration_sources, test_sources, out: Path, d
     tested = score_cases(detector, test_sources, "test", progress, cache, examples=8, raw_vae=raw_vae)
     healthy = [c for c in tested if c.label == 0]
     lesions = [c for c in tested if c.label == 1]
-    metrics = compute_metrics(healthy, lesions, thresholds)
+    metrics = compute_metrics(healthy, lesions, thresholds, detector.anatomies() or TRAINING_ANATOMIES)
+    if "anatomy" in metrics:
+        metrics["anatomy"]["recorded_by_the_bundle"] = bool(detector.anatomies())
     metrics["description"] = description
     write_report(out, metrics, healthy, lesions, description)
     return metrics

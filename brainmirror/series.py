@@ -24,7 +24,8 @@ _FAMILIES = (
 )
 _POST_CONTRAST = re.compile(r"post(?!erior|[\W_]*op)|gad|(^|[\W_])gd([\W_]|$)|\+\s*c\b|\bc\+|contrast"
                             r"|(^|[\W_])(km|ce|mdc)([\W_]|$)|enhanc", re.I)
-_PRE_CONTRAST = re.compile(r"(^|[\W_])(pre|pr[eé]?[\W_]*contrast|nativ|native|w/?o|without)([\W_]|$)", re.I)
+_PRE_CONTRAST = re.compile(r"(^|[\W_])(pre|pr[eé]?[\W_]*contrast|nativ|native|w/?o|without|non|no|ohne|nc)"
+                           r"([\W_]|$)", re.I)
 
 
 def contrast_family(ds: Dataset) -> str:
@@ -35,10 +36,13 @@ def contrast_family(ds: Dataset) -> str:
     unless the description says pre-contrast.
     """
     view = header_view(ds)
-    text = " ".join(str(view.get(k) or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName"))
-    family = next((name for name, pattern in _FAMILIES if pattern.search(text)), "unknown")
-    pre = bool(_PRE_CONTRAST.search(text))
-    post_words = bool(_POST_CONTRAST.search(text)) and not pre
+    texts = [str(view.get(k) or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName")]
+    # the series' own description decides; the protocol (often the whole exam's name, e.g. "BRAIN
+    # W/WO CONTRAST") and the sequence name only when the description names no family
+    family = next((name for text in texts for name, pattern in _FAMILIES if pattern.search(text)), "unknown")
+    description = texts[0]
+    pre = bool(_PRE_CONTRAST.search(description))
+    post_words = bool(_POST_CONTRAST.search(description)) and not pre
     agent = bool(str(view.get("ContrastBolusAgent") or "").strip()) and not pre
     if (family == "T1" and (post_words or agent)) or (family == "unknown" and post_words):
         return "T1 post-contrast"

@@ -60,7 +60,7 @@ class TrainingConfig:
 # -- data ----------------------------------------------------------------------------------
 def cache_folder(cache: Path) -> Path:
     """The part of a preprocessing cache that holds for the current preprocessing and anatomy versions."""
-    return cache / f"preprocessing-v{preprocess.PREPROCESSING_VERSION}-anatomies-v{anatomies.PREPARATION_VERSION}"
+    return cache / f"preprocessing-v{preprocess.PREPROCESSING_VERSION}-anatomies-{anatomies.version_tag()}"
 
 
 def prepare(sources: StudySource, cache: Path, progress: bool = True) -> list[Slices]:
@@ -229,8 +229,13 @@ def fit_embedding_statistics(detector: Detector, normative: list[Slices], progre
 
 
 def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingConfig,
-          data_description: str, base: Detector | None = None, progress: bool = True) -> Detector:
-    """Train (or, with ``base``, fine-tune) a model bundle on healthy studies and save it."""
+          data_description: str, base: Detector | None = None, progress: bool = True,
+          anatomies: tuple[str, ...] = ()) -> Detector:
+    """Train (or, with ``base``, fine-tune) a model bundle on healthy studies and save it.
+
+    ``anatomies``: the virtual-cohort anatomies of the sources, recorded in the bundle (with those
+    of its base) so that an evaluation knows which anatomies the model has seen.
+    """
     torch.manual_seed(config.seed)
     device = default_device()
     studies = prepare(fit_sources, work / "cache", progress)
@@ -260,6 +265,7 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
         "training": {"studies": len(fit), "normative_studies": len(normative),
                      "slices": int(sum(len(s.z) for s in fit)), "date": date.today().isoformat(),
                      "fine_tuned_from": base.version if base else None,
+                     "anatomies": sorted(set(anatomies) | set(base.anatomies() if base else ())),
                      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}},
         "network": {"unet_features": list(config.unet_features), "vae_channels": list(config.vae_channels),
                     "latent": config.latent},
@@ -321,8 +327,9 @@ def healthy_scores(detector: Detector, studies: list[Slices], progress: bool = T
 
 
 def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05, voxel_fpr: float = 0.01,
-              description: str = "", progress: bool = True) -> dict:
-    """Thresholds at the stated false-positive rates on held-out healthy studies."""
+              description: str = "", progress: bool = True, anatomies: tuple[str, ...] = ()) -> dict:
+    """Thresholds at the stated false-positive rates on held-out healthy studies (``anatomies``:
+    their virtual-cohort anatomies, recorded in the bundle)."""
     if not 0 < study_fpr < 1 or not 0 < voxel_fpr < 1:
         raise ValueError("false-positive rates must lie strictly between 0 and 1")
     if len(studies) < 2:
@@ -339,6 +346,7 @@ def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05
         "voxel": {"threshold": voxel_threshold, "fpr": voxel_fpr,
                   "observed_fpr": float((voxels > voxel_threshold).mean()), "n_voxels": int(len(voxels))},
         "data_source": description,
+        "anatomies": list(anatomies),
         "date": date.today().isoformat(),
     }
     detector.metadata["calibration"] = calibration

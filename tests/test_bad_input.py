@@ -995,6 +995,7 @@ def test_jittered_positions_are_resampled_onto_a_regular_grid(geometry: str, jit
         ("gap", "slice(s) missing"),
         ("gap-jittered", "slice(s) missing"),
         ("near-duplicate", "duplicates with different content"),
+        ("near-duplicate-3d", "duplicates with different content"),  # within half a slice of a straight fit
         ("too-far", "more than half the slice thickness"),
         ("mixed-orientation", "same orientation"),
     ],
@@ -1002,16 +1003,18 @@ def test_jittered_positions_are_resampled_onto_a_regular_grid(geometry: str, jit
 def test_positions_beyond_the_tolerance_are_refused(damage: str, message: str, demo: Demo, tmp_path: Path) -> None:
     from brainmirror.dicom import load_series
 
-    paths = _clinical_2d(demo, tmp_path)
+    paths = write_series(demo.volume[60:100], tmp_path, demo.template) if damage.endswith("3d") else \
+        _clinical_2d(demo, tmp_path)
     if damage.startswith("gap"):
         paths.pop(9).unlink()
         if damage == "gap-jittered":
             jitter_positions(paths, 0.3)
-    elif damage == "near-duplicate":  # another image 0.2 mm from slice 10
+    elif damage.startswith("near-duplicate"):  # another image a fifth of a slice from slice 10
         ds = pydicom.dcmread(paths[10])
+        step = abs(float(pydicom.dcmread(paths[11]).ImagePositionPatient[2]) - float(ds.ImagePositionPatient[2]))
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = hd.UID()
         ds.ImagePositionPatient = [_ds(float(v)) for v in ds.ImagePositionPatient[:2]] + \
-            [_ds(float(ds.ImagePositionPatient[2]) + 0.2)]
+            [_ds(float(ds.ImagePositionPatient[2]) + 0.2 * step)]
         ds.PixelData = pydicom.dcmread(paths[11]).PixelData
         ds.save_as(tmp_path / "extra.dcm", enforce_file_format=True)
     elif damage == "too-far":  # positions drift 4.5 mm back and forth; 5 mm slices: 2.5 mm allowed
@@ -1049,6 +1052,9 @@ def test_resampled_series_results_map_onto_the_source_instances(demo: Demo, tmp_
         voxel_false_positive_rate=0.001, configuration="combined", slice_scores=scores.max(axis=(1, 2)),
         anomaly_map=scores, segmentation=labels,
         findings=[Finding(1, 7.2, "left", (8, 10), 5.0, (9.0, 100.0, 90.0))])
+    with pytest.raises(ValueError, match="do not lie on the source images"):  # without its Resampling
+        write_assessment(datasets, volume, assessment, tmp_path / "unmapped", algorithm_version="test")
+    assert not (tmp_path / "unmapped").exists() or not any((tmp_path / "unmapped").iterdir())
     series = replace(describe_series(datasets), resampling=resampling, coverage=0.8)
     written = write_assessment(datasets, volume, assessment, tmp_path / "out", algorithm_version="test",
                                series=series)
@@ -1098,6 +1104,25 @@ def test_contrast_family(description: str, agent: str | None, family: str, demo:
     ds.SeriesDescription, ds.SequenceName = description, "*se2d1"  # the demo's "*tfl3d1" says T1
     if agent:
         ds.ContrastBolusAgent = agent
+    assert contrast_family(ds) == family
+
+
+@pytest.mark.parametrize(
+    ("description", "protocol", "family"),
+    [
+        ("AX T1 POST GAD", "MRI BRAIN W/WO CONTRAST", "T1 post-contrast"),  # the exam's name does not decide
+        ("AX T2", "BRAIN T1 FLAIR ROUTINE", "T2"),
+        ("T1 NON-CONTRAST", "BRAIN", "T1"),
+        ("T1 ohne KM", "Schaedel", "T1"),
+        ("sequence 7", "t2_tse_tra", "T2"),  # the protocol only when the description names no family
+    ],
+)
+def test_contrast_family_reads_the_series_description_first(description: str, protocol: str, family: str,
+                                                            demo: Demo) -> None:
+    from brainmirror.series import contrast_family
+
+    ds = copy.deepcopy(demo.template)
+    ds.SeriesDescription, ds.ProtocolName, ds.SequenceName = description, protocol, "*se2d1"
     assert contrast_family(ds) == family
 
 
