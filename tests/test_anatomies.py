@@ -104,9 +104,9 @@ def test_the_split_holds_out_real_individuals_and_training_never_sees_them():
 
     args = argparse.Namespace(data=None, synthetic=30)
     for stream in ("train", "calibration"):
-        sources, description = _sources(args, stream, 30)
+        sources, description, recorded = _sources(args, stream, 30)
         used = {name.rsplit("-", 2)[1] for name, _ in sources}
-        assert used == set(TRAINING_ANATOMIES), (stream, used)
+        assert used == set(TRAINING_ANATOMIES) == set(recorded), (stream, used)
         assert not any(a in description for a in HELD_OUT_ANATOMIES)
 
 

@@ -49,6 +49,7 @@ def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
     metadata = json.loads((model / "configs" / "metadata.json").read_text())
     assert metadata["network"]["latent"] == 16
     assert metadata["training"]["studies"] == 2 and metadata["training"]["normative_studies"] == 2  # at least 2 held out
+    assert metadata["training"]["anatomies"] == []  # site data: no virtual-cohort anatomy seen
     for name in ("reconstruction.pt", "embedding.pt", "normative.npz"):
         assert (model / "models" / name).exists()
 
