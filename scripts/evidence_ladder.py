@@ -1,0 +1,173 @@
+"""Evidence ladder: how far does a lesion move each map and study statistic, against healthy spread?
+
+SYNTHETIC, ``development`` stream only (never the reported evaluation lesions). Each focal
+lesion study is paired with its healthy twin (same anatomy, warp, contrast, bias, pose, grid and
+noise, without the lesion; ``make_subject(..., twin=True)``), the twin taken onto the lesion
+study's canonical grid, and every map computed on both:
+
+- ``flip``: ``|x - mirror(x)|``, no learning;
+- ``residual``: ``|x - reconstruction|`` of the model's mirror-informed reconstruction;
+- ``context``: the same without the mirror channel;
+- ``voxel``: the model's standardised voxel anomaly map.
+
+The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the lesion contrast
+``|x - twin|`` inside the lesion. Printed per (map, statistic), over focal lesions >= 10 mm:
+
+- ``paired``: share of pairs whose lesion study exceeds its twin (ties, where the lesion does not
+  move the statistic at all, count as no response; 1.0: every lesion raises it);
+- ``effect``: median paired difference / sd of the statistic across the healthy twins;
+- ``cell AUROC``: lesion studies against the healthy twins of the same anatomy and contrast,
+  averaged over cells with at least two pairs (their number in brackets: few cells, weak figure;
+  restrict ``--anatomies`` for more pairs per cell);
+- ``recovered`` (maps in intensity units): median share of the lesion contrast that the map
+  gains inside the lesion over the twin (the oracle recovers 1.0).
+
+Statistics: ``top50``/``top500`` (mean of the highest brain voxels), ``mass`` (largest 3D
+connected region above the map's healthy 99th percentile, ml), and the model's own study scores
+(``study:<configuration>``: top-3 slice mean). Per lesion kind and contrast: the paired response.
+
+    .venv/bin/python scripts/evidence_ladder.py --pairs 3 --output work/ladder.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from brainmirror.anatomies import ANATOMIES
+from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
+from brainmirror.detector import CONFIGURATIONS, Detector, Slices, slice_volume
+from brainmirror.lesions import FOCAL_KINDS
+from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, normalise, resample
+
+FIRST_INDEX = 2000  # development-stream indices of this script (other diagnostics use others)
+MAPS = ("flip", "residual", "context", "voxel")
+INTENSITY_MAPS = ("flip", "residual", "context")
+FOCAL_MIN_MM = 10.0
+
+
+def canonical_pair(subject) -> tuple[Slices, Slices, np.ndarray]:
+    """Slices of the lesion study and of its twin on the lesion study's grid, and the lesion truth."""
+    lesion = canonicalise(subject.image)
+    twin = np.asarray(subject.healthy_twin.get_fdata(dtype=np.float32))
+    twin_volume = normalise(resample(twin - twin.min(), lesion.canonical_to_native_vox, SHAPE), lesion.mask)
+    truth = lesion.to_canonical(subject.lesion_mask.astype(np.float32)) > 0.5
+    slices = slice_volume(lesion)
+    twin_slices = Slices(np.ascontiguousarray(twin_volume[:, :, slices.z].transpose(2, 0, 1)), slices.mask, slices.z)
+    return slices, twin_slices, truth[:, :, slices.z].transpose(2, 0, 1) & slices.mask
+
+
+def study_maps(detector: Detector, slices: Slices) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    maps = detector.reconstruct(slices)
+    scores = detector.slice_scores(slices, maps, detector.embed(maps))
+    volumes = {"flip": maps.symmetry, "residual": maps.residual, "context": maps.context_residual,
+               "voxel": maps.voxel_score}
+    return volumes, {f"study:{c}": Detector.study_score(scores[c]) for c in CONFIGURATIONS}
+
+
+def map_statistics(volume: np.ndarray, brain: np.ndarray, threshold: float) -> dict[str, float]:
+    values = np.sort(volume[brain])
+    labels, n = ndimage.label((volume > threshold) & brain)
+    largest = np.bincount(labels.ravel())[1:].max() if n else 0
+    return {"top50": float(values[-50:].mean()), "top500": float(values[-500:].mean()),
+            "mass": float(largest * SPACING_MM**3 / 1000.0)}
+
+
+def cell_auroc(pairs: list[dict], key: str) -> tuple[float, int]:
+    """AUROC of lesion studies against healthy twins within each anatomy x contrast cell, averaged
+    over the cells with at least two pairs; and the number of such cells."""
+    cells = defaultdict(list)
+    for p in pairs:
+        cells[(p["anatomy"], p["contrast"])].append(p)
+    values = []
+    for members in cells.values():
+        if len(members) >= 2:
+            lesion, twin = [m["lesion"][key] for m in members], [m["twin"][key] for m in members]
+            values.append(roc_auc_score([1] * len(lesion) + [0] * len(twin), lesion + twin))
+    return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/brainmirror"), help="model bundle")
+    parser.add_argument("--pairs", type=int, default=3, help="pairs per focal lesion kind (default 3)")
+    parser.add_argument("--anatomies", default=",".join(ANATOMIES), help="comma-separated (default: all)")
+    parser.add_argument("--output", type=Path, default=None, help="write every pair's figures as JSON")
+    args = parser.parse_args()
+
+    detector = Detector.load(args.model)
+    anatomies = args.anatomies.split(",")
+    cells = [(a, c) for c in CONTRASTS for a in anatomies]
+    plan = [(kind, cells[(j * len(FOCAL_KINDS) + k) % len(cells)])
+            for j in range(args.pairs) for k, kind in enumerate(FOCAL_KINDS)]
+    raw = []
+    for index, (kind, (anatomy, contrast)) in enumerate(tqdm(plan, desc="pairs", unit="pair"), start=FIRST_INDEX):
+        subject = make_subject(anatomy, subject_rng("development", index), contrast, kind, twin=True)
+        slices, twin_slices, truth = canonical_pair(subject)
+        lesion_maps, lesion_scores = study_maps(detector, slices)
+        twin_maps, twin_scores = study_maps(detector, twin_slices)
+        contrast_in_lesion = float(np.abs(slices.image - twin_slices.image)[truth].mean()) if truth.any() else 0.0
+        recovered = {m: float((lesion_maps[m] - twin_maps[m])[truth].mean()) / max(contrast_in_lesion, 1e-6)
+                     for m in INTENSITY_MAPS} if truth.any() else {}
+        raw.append({"kind": kind, "anatomy": anatomy, "contrast": contrast, "brain": slices.mask,
+                    "diameter_mm": subject.meta["lesion_diameter_mm"], "volume_ml": subject.meta["lesion_volume_ml"],
+                    "lesion_contrast": contrast_in_lesion, "recovered": recovered,
+                    "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores)})
+
+    # healthy 99th percentile of each map over every twin's brain: the threshold of "mass"
+    thresholds = {m: float(np.percentile(np.concatenate([r["maps"][1][m][r["brain"]] for r in raw]), 99)) for m in MAPS}
+    pairs = []
+    for r in raw:
+        figures = []
+        for side in (0, 1):
+            stats = dict(r["scores"][side])
+            for m in MAPS:
+                for name, value in map_statistics(r["maps"][side][m], r["brain"], thresholds[m]).items():
+                    stats[f"{m}:{name}"] = value
+            figures.append(stats)
+        pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "lesion_contrast",
+                                        "recovered")} | {"lesion": figures[0], "twin": figures[1]})
+
+    focal = [p for p in pairs if p["diameter_mm"] >= FOCAL_MIN_MM]
+    keys = list(pairs[0]["lesion"])
+    print(f"\n{len(pairs)} pairs ({len(focal)} focal >= {FOCAL_MIN_MM:g} mm), model {args.model}, "
+          f"anatomies {', '.join(anatomies)}; SYNTHETIC development stream")
+    print(f"oracle (twin as reconstruction): lesion contrast inside the lesion, median "
+          f"{np.median([p['lesion_contrast'] for p in focal]):.3f} (canonical intensity units)")
+    kinds = [k for k in FOCAL_KINDS if any(p["kind"] == k for p in pairs)]
+    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s}   "
+          + " ".join(f"{k[:6]:>6s}" for k in kinds) + "   " + " ".join(f"{c:>5s}" for c in CONTRASTS))
+    summary = {}
+    for key in keys:
+        diff = np.array([p["lesion"][key] - p["twin"][key] for p in focal])
+        spread = np.std([p["twin"][key] for p in pairs])
+        paired = float(np.mean(diff > 0))
+        auroc, n_cells = cell_auroc(focal, key)
+        row = {"paired": paired, "effect": float(np.median(diff) / spread) if spread > 0 else float("nan"),
+               "cell_auroc": auroc, "n_cells": n_cells,
+               "paired_by_kind": {k: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["kind"] == k]))
+                                  for k in kinds},
+               "paired_by_contrast": {c: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["contrast"] == c]))
+                                      if any(p["contrast"] == c for p in pairs) else float("nan") for c in CONTRASTS}}
+        summary[key] = row
+        print(f"{key:22s} {paired:6.2f} {row['effect']:7.2f} {auroc:6.2f} ({n_cells:>2d})   "
+              + " ".join(f"{v:6.2f}" for v in row["paired_by_kind"].values()) + "   "
+              + " ".join(f"{v:5.2f}" for v in row["paired_by_contrast"].values()))
+    print("\nrecovered share of the lesion contrast inside the lesion (median over focal pairs; oracle 1.0): "
+          + ", ".join(f"{m} {np.median([p['recovered'][m] for p in focal if p['recovered']]):.2f}" for m in INTENSITY_MAPS))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"pairs": pairs, "summary": summary, "thresholds": thresholds,
+                                           "model": str(args.model)}, indent=1, default=float) + "\n")
+        print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
