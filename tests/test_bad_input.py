@@ -1254,7 +1254,7 @@ def test_partial_coverage_is_assessed_above_the_fraction_and_refused_below(scann
     assert sr_finding(partial) != NOT_ASSESSED
     coverage = sr_numbers(partial)["Brain coverage"]
     assert 0.5 <= coverage <= 0.7
-    assert f"the imaged {100 * coverage:.0f} % of a typical brain only" in sr_texts(partial)["Assessed region"]
+    assert f"the {100 * coverage:.0f} % of a typical brain inside the field of view only" in sr_texts(partial)["Assessed region"]
     assert "NOT assessed" in sr_texts(partial)["Assessed region"]
     refused = _scanner_sr(scanner_batch, "partial-20")
     assert sr_finding(refused) == NOT_ASSESSED
