@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import subprocess
 import sys
@@ -28,8 +27,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 PREPARATION_VERSION = 2
 """Bump whenever ``prepare`` changes its output: prepared anatomies (and the studies made from
@@ -283,10 +280,10 @@ def _bias_corrected(t1: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> np
     """N4 bias-field correction (SimpleITK) fitted inside the brain, applied to the whole head."""
     import SimpleITK as sitk
 
-    from .preprocess import _to_sitk
+    from .preprocess import to_sitk
 
-    image = _to_sitk(t1 + 1e-3, affine)
-    mask = sitk.Cast(_to_sitk(brain.astype(np.float32), affine) > 0.5, sitk.sitkUInt8)
+    image = to_sitk(t1 + 1e-3, affine)
+    mask = sitk.Cast(to_sitk(brain.astype(np.float32), affine) > 0.5, sitk.sitkUInt8)
     small_image, small_mask = sitk.Shrink(image, [3] * 3), sitk.Shrink(mask, [3] * 3)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([50, 40, 30])

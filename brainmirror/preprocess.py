@@ -110,7 +110,8 @@ def template() -> tuple[np.ndarray, np.ndarray]:
     return (image / np.percentile(image[mask], 99)).astype(np.float32), mask
 
 
-def _to_sitk(array: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
+def to_sitk(array: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
+    """A SimpleITK image of ``array`` (voxel axes i, j, k) with the geometry of a RAS affine."""
     lps = _LPS @ affine_ras
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32))
@@ -129,8 +130,8 @@ def register_rigid(moving: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
     a lesion land on the same grid, and scores do not move with a sampling seed.
     """
     fixed_image, fixed_mask = template()
-    fixed = _to_sitk(fixed_image, CANONICAL_AFFINE)
-    moving_sitk = _to_sitk(moving, moving_affine)
+    fixed = to_sitk(fixed_image, CANONICAL_AFFINE)
+    moving_sitk = to_sitk(moving, moving_affine)
     factors = [max(1, int(SPACING_MM // s)) for s in moving_sitk.GetSpacing()]
     if max(factors) > 1:  # register at about the template's 2 mm: several times faster, as accurate
         moving_sitk = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving_sitk, SPACING_MM / 2), factors)
@@ -140,7 +141,7 @@ def register_rigid(moving: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.NONE)
-    reg.SetMetricFixedMask(_to_sitk(fixed_mask.astype(np.float32), CANONICAL_AFFINE) > 0.5)
+    reg.SetMetricFixedMask(to_sitk(fixed_mask.astype(np.float32), CANONICAL_AFFINE) > 0.5)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.6
