@@ -117,7 +117,11 @@ class BrainMirrorApp(Application):
 
     def compose(self) -> None:
         settings = resolve_settings(self.argv)
-        detector = DetectorProvider(settings.model_path)  # loaded by its first user, once per run
+        detector = DetectorProvider(settings.model_path)  # loaded once per run, here
+        try:  # a bundle this brainmirror cannot use (fitted for other masks, uncalibrated) stops it now
+            detector.detector.calibration("combined")
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UsageError(f"cannot use the model bundle in {settings.model_path}: {error}") from error
 
         loader = StudyLoaderOperator(self, input_folder=settings.input_path, status=self.status,
                                      name="study_loader_op")

@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .detector import Detector, slice_volume
-from .networks import SLICE_SHAPE, checkerboard
+from .networks import SLICE_SHAPE, hemispheres
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def stage_timings(detector: Detector, study: Path) -> dict[str, float]:
 def network_flops(detector: Detector, n_slices: int) -> dict[str, float]:
     """FLOPs per study of each network, counted by torch's flop counter."""
     x = torch.zeros(1, 1, *SLICE_SHAPE, device=detector.device)
-    m = torch.from_numpy(checkerboard(0))[None, None].to(detector.device)
+    m = torch.from_numpy(hemispheres()[0])[None, None].to(detector.device)
     with torch.no_grad():
         unet = _flops(lambda: detector.reconstructor(x, m, True))
         vae = _flops(lambda: detector.vae.encode(torch.zeros(1, 2, *SLICE_SHAPE, device=detector.device)))

@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 
 from . import __version__
-from .networks import BetaVAE, Reconstructor, checkerboard
+from .networks import INFERENCE_MASKS, BetaVAE, Reconstructor, hemispheres
 from .preprocess import SHAPE, Canonical
 from .result import Assessment, Finding
 
@@ -117,6 +117,10 @@ class Detector:
         if not metadata_path.exists():
             raise FileNotFoundError(f"no brainmirror model bundle at {bundle} (missing configs/metadata.json)")
         metadata = json.loads(metadata_path.read_text())
+        masks = metadata.get("inference", {}).get("masks", "checkerboard")
+        if masks != INFERENCE_MASKS:
+            raise ValueError(f"model bundle at {bundle} was fitted with {masks} inference masks, but this brainmirror "
+                             f"rebuilds {INFERENCE_MASKS}: retrain it (README, 'Training')")
         network = metadata["network"]
         reconstructor = Reconstructor(tuple(network["unet_features"]))
         vae = BetaVAE(latent=network["latent"], channels=tuple(network["vae_channels"]))
@@ -148,9 +152,9 @@ class Detector:
     # -- stages ----------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, slices: Slices, batch_size: int = 32) -> DifferenceMaps:
-        """Masked reconstruction in two checkerboard phases, with and without the mirror."""
+        """Each hemisphere rebuilt while masked, with and without the mirror (of the other one)."""
         x_all = torch.from_numpy(slices.image[:, None])
-        masks = [torch.from_numpy(checkerboard(phase))[None, None] for phase in (0, 1)]
+        masks = [torch.from_numpy(half)[None, None] for half in hemispheres()]
         mirrored = torch.zeros_like(x_all)
         context = torch.zeros_like(x_all)
         for start in range(0, len(x_all), batch_size):

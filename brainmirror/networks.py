@@ -13,7 +13,7 @@ from torch import nn
 
 SLICE_SHAPE = (96, 112)
 MIRROR_AXIS = -2  # left-right axis of a (..., 96, 112) slice tensor
-INFERENCE_BLOCK = 16  # px (32 mm) checkerboard blocks at inference
+INFERENCE_MASKS = "hemispheres"  # recorded in a bundle: the masks its healthy statistics were fitted with
 
 
 def mirror(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,15 @@ def beta_vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar
     return (reconstruction + beta * kl).mean()
 
 
-def checkerboard(phase: int, block: int = INFERENCE_BLOCK, offset: int = 0, shape=SLICE_SHAPE) -> np.ndarray:
+def hemispheres(shape=SLICE_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """The two inference masks, one hemisphere each: the network rebuilds a hemisphere from its
+    mirror image and never sees a voxel it predicts, so a lesion cannot be copied from around it."""
+    left = np.zeros(shape, np.float32)
+    left[: shape[0] // 2] = 1
+    return left, left[::-1].copy()
+
+
+def checkerboard(phase: int, block: int, offset: int = 0, shape=SLICE_SHAPE) -> np.ndarray:
     """Blocks aligned on the mid-sagittal plane: the mirror of a masked block is never masked."""
     centre = shape[0] // 2
     cols = np.floor((np.arange(shape[0]) - centre) / block).astype(int)
@@ -88,9 +96,7 @@ def training_mask(rng: np.random.Generator, shape=SLICE_SHAPE) -> np.ndarray:
     if kind < 0.5:
         return checkerboard(int(rng.integers(2)), int(rng.choice([8, 12, 16, 24])), int(rng.integers(24)), shape)
     if kind < 0.6:
-        mask = np.zeros(shape, np.float32)
-        mask[: shape[0] // 2] = 1
-        return mask if rng.random() < 0.5 else mask[::-1].copy()
+        return hemispheres(shape)[0 if rng.random() < 0.5 else 1]
     yy, xx = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]))
     mask = np.zeros(shape, bool)
     for _ in range(int(rng.integers(1, 6))):

@@ -34,7 +34,7 @@ from .detector import (
     raw_voxel_map,
     slice_volume,
 )
-from .networks import BetaVAE, Reconstructor, beta_vae_loss, training_mask
+from .networks import INFERENCE_MASKS, BetaVAE, Reconstructor, beta_vae_loss, training_mask
 from . import anatomies, preprocess
 from .preprocess import SHAPE, canonicalise
 
@@ -256,7 +256,7 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
         "name": "brainmirror",
         "version": __version__,
         "task": "Unsupervised anomaly detection in brain MRI (symmetry-informed inverse learning)",
-        "description": "2D U-Net masked reconstruction with a mirrored-hemisphere channel, "
+        "description": "2D U-Net rebuilding each masked hemisphere from its mirror image, "
                        "Beta-VAE embedding of difference maps, Mahalanobis scoring.",
         "authors": "brainmirror",
         "copyright": "brainmirror",
@@ -269,6 +269,7 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
                      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}},
         "network": {"unet_features": list(config.unet_features), "vae_channels": list(config.vae_channels),
                     "latent": config.latent},
+        "inference": {"masks": INFERENCE_MASKS},
         "network_data_format": {"inputs": {"image": {"type": "image", "modality": "MR", "num_channels": 1,
                                                      "spatial_shape": [96, 112], "format": "canonical axial slice"}},
                                 "outputs": {"score": {"type": "probabilities", "format": "anomaly score"}}},

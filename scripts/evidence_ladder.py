@@ -20,7 +20,13 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
   averaged over cells with at least two pairs (their number in brackets: few cells, weak figure;
   restrict ``--anatomies`` for more pairs per cell);
 - ``recovered`` (maps in intensity units): median share of the lesion contrast that the map
-  gains inside the lesion over the twin (the oracle recovers 1.0).
+  gains inside the lesion over the twin (the oracle recovers 1.0);
+- ``offset``: how much the anatomy decides a healthy study's value: the spread of the per-anatomy
+  medians of the healthy twins over their pooled within-anatomy sd (0: none; about 1: an anatomy
+  shifts a healthy study as much as healthy variation does);
+- ``unseen FPR``: share of the twins of anatomies the model has not seen (not in the bundle's
+  record) above the 95th percentile of the twins of seen anatomies (about 0.05 when an unseen
+  anatomy scores like a seen one).
 
 Statistics: ``top50``/``top500`` (mean of the highest brain voxels), ``mass`` (largest 3D
 connected region above the map's healthy 99th percentile, ml), and the model's own study scores
@@ -41,7 +47,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from brainmirror.anatomies import ANATOMIES
+from brainmirror.anatomies import ANATOMIES, TRAINING_ANATOMIES
 from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
 from brainmirror.detector import CONFIGURATIONS, Detector, Slices, slice_volume
 from brainmirror.lesions import FOCAL_KINDS
@@ -64,12 +70,13 @@ def canonical_pair(subject) -> tuple[Slices, Slices, np.ndarray]:
     return slices, twin_slices, truth[:, :, slices.z].transpose(2, 0, 1) & slices.mask
 
 
-def study_maps(detector: Detector, slices: Slices) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def study_maps(detector: Detector, slices: Slices) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The maps, and the slice scores of every configuration."""
     maps = detector.reconstruct(slices)
     scores = detector.slice_scores(slices, maps, detector.embed(maps))
     volumes = {"flip": maps.symmetry, "residual": maps.residual, "context": maps.context_residual,
                "voxel": maps.voxel_score}
-    return volumes, {f"study:{c}": Detector.study_score(scores[c]) for c in CONFIGURATIONS}
+    return volumes, scores
 
 
 def map_statistics(volume: np.ndarray, brain: np.ndarray, threshold: float) -> dict[str, float]:
@@ -94,6 +101,22 @@ def cell_auroc(pairs: list[dict], key: str) -> tuple[float, int]:
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
+def anatomy_offset(pairs: list[dict], key: str, seen: tuple[str, ...]) -> tuple[float, float]:
+    """Between-anatomy spread of healthy medians over within-anatomy sd; unseen twins' FPR at the
+    seen twins' 95th percentile."""
+    by_anatomy = defaultdict(list)
+    for p in pairs:
+        by_anatomy[p["anatomy"]].append(p["twin"][key])
+    within = np.sqrt(np.mean([np.var(v) for v in by_anatomy.values() if len(v) >= 2]))
+    offset = float(np.std([np.median(v) for v in by_anatomy.values()]) / within) if within > 0 else float("nan")
+    seen_values = [v for a, values in by_anatomy.items() if a in seen for v in values]
+    unseen_values = [v for a, values in by_anatomy.items() if a not in seen for v in values]
+    if not seen_values or not unseen_values:
+        return offset, float("nan")
+    threshold = np.quantile(seen_values, 0.95, method="higher")
+    return offset, float(np.mean(np.array(unseen_values) > threshold))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/brainmirror"), help="model bundle")
@@ -103,6 +126,7 @@ def main() -> None:
     args = parser.parse_args()
 
     detector = Detector.load(args.model)
+    seen = detector.anatomies() or TRAINING_ANATOMIES
     anatomies = args.anatomies.split(",")
     cells = [(a, c) for c in CONTRASTS for a in anatomies]
     plan = [(kind, cells[(j * len(FOCAL_KINDS) + k) % len(cells)])
@@ -119,7 +143,8 @@ def main() -> None:
         raw.append({"kind": kind, "anatomy": anatomy, "contrast": contrast, "brain": slices.mask,
                     "diameter_mm": subject.meta["lesion_diameter_mm"], "volume_ml": subject.meta["lesion_volume_ml"],
                     "lesion_contrast": contrast_in_lesion, "recovered": recovered,
-                    "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores)})
+                    "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
+                    "lesion_slices": truth.any(axis=(1, 2))})
 
     # healthy 99th percentile of each map over every twin's brain: the threshold of "mass"
     thresholds = {m: float(np.percentile(np.concatenate([r["maps"][1][m][r["brain"]] for r in raw]), 99)) for m in MAPS}
@@ -127,22 +152,25 @@ def main() -> None:
     for r in raw:
         figures = []
         for side in (0, 1):
-            stats = dict(r["scores"][side])
+            stats = {f"study:{c}": Detector.study_score(r["scores"][side][c]) for c in CONFIGURATIONS}
             for m in MAPS:
                 for name, value in map_statistics(r["maps"][side][m], r["brain"], thresholds[m]).items():
                     stats[f"{m}:{name}"] = value
             figures.append(stats)
         pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "lesion_contrast",
-                                        "recovered")} | {"lesion": figures[0], "twin": figures[1]})
+                                        "recovered")} | {"lesion": figures[0], "twin": figures[1],
+                                                         "slice_scores": [{c: v.tolist() for c, v in side.items()}
+                                                                          for side in r["scores"]],
+                                                         "lesion_slices": r["lesion_slices"].tolist()})
 
     focal = [p for p in pairs if p["diameter_mm"] >= FOCAL_MIN_MM]
     keys = list(pairs[0]["lesion"])
     print(f"\n{len(pairs)} pairs ({len(focal)} focal >= {FOCAL_MIN_MM:g} mm), model {args.model}, "
-          f"anatomies {', '.join(anatomies)}; SYNTHETIC development stream")
+          f"anatomies {', '.join(anatomies)} (seen: {', '.join(seen)}); SYNTHETIC development stream")
     print(f"oracle (twin as reconstruction): lesion contrast inside the lesion, median "
           f"{np.median([p['lesion_contrast'] for p in focal]):.3f} (canonical intensity units)")
     kinds = [k for k in FOCAL_KINDS if any(p["kind"] == k for p in pairs)]
-    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s}   "
+    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s} {'offset':>6s} {'unseen FPR':>10s}   "
           + " ".join(f"{k[:6]:>6s}" for k in kinds) + "   " + " ".join(f"{c:>5s}" for c in CONTRASTS))
     summary = {}
     for key in keys:
@@ -150,14 +178,15 @@ def main() -> None:
         spread = np.std([p["twin"][key] for p in pairs])
         paired = float(np.mean(diff > 0))
         auroc, n_cells = cell_auroc(focal, key)
+        offset, unseen_fpr = anatomy_offset(pairs, key, seen)
         row = {"paired": paired, "effect": float(np.median(diff) / spread) if spread > 0 else float("nan"),
-               "cell_auroc": auroc, "n_cells": n_cells,
+               "cell_auroc": auroc, "n_cells": n_cells, "offset": offset, "unseen_fpr": unseen_fpr,
                "paired_by_kind": {k: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["kind"] == k]))
                                   for k in kinds},
                "paired_by_contrast": {c: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["contrast"] == c]))
                                       if any(p["contrast"] == c for p in pairs) else float("nan") for c in CONTRASTS}}
         summary[key] = row
-        print(f"{key:22s} {paired:6.2f} {row['effect']:7.2f} {auroc:6.2f} ({n_cells:>2d})   "
+        print(f"{key:22s} {paired:6.2f} {row['effect']:7.2f} {auroc:6.2f} ({n_cells:>2d}) {offset:6.2f} {unseen_fpr:10.2f}   "
               + " ".join(f"{v:6.2f}" for v in row["paired_by_kind"].values()) + "   "
               + " ".join(f"{v:5.2f}" for v in row["paired_by_contrast"].values()))
     print("\nrecovered share of the lesion contrast inside the lesion (median over focal pairs; oracle 1.0): "

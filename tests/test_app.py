@@ -398,6 +398,21 @@ def test_missing_model_bundle(demo_tumour: Path, tmp_path: Path) -> None:
     assert "no brainmirror model bundle" in run.log
 
 
+def test_model_bundle_of_another_brainmirror_is_refused(demo_tumour: Path, models_dir: Path, tmp_path: Path) -> None:
+    """A bundle fitted for other inference masks stops the app at start with what to do, not mid-run."""
+    bundle = models_dir / "brainmirror" if (models_dir / "brainmirror").is_dir() else models_dir
+    shutil.copytree(bundle, tmp_path / "models" / "brainmirror")
+    path = tmp_path / "models" / "brainmirror" / "configs" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    del metadata["inference"]  # as bundles of the checkerboard-inference releases are
+    path.write_text(json.dumps(metadata))
+    run = run_app(demo_tumour, tmp_path / "out", tmp_path / "models")
+    assert run.returncode == 2
+    assert_no_traceback(run)
+    assert "cannot use the model bundle" in run.log and "retrain it" in run.log
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_missing_input_folder_from_environment(models_dir: Path, tmp_path: Path) -> None:
     run = run_app(tmp_path / "absent", tmp_path / "out", models_dir, via_env=True)
     assert run.returncode == 2
