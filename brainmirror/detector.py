@@ -120,7 +120,7 @@ class Detector:
         masks = metadata.get("inference", {}).get("masks", "checkerboard")
         if masks != INFERENCE_MASKS:
             raise ValueError(f"model bundle at {bundle} was fitted with {masks} inference masks, but this brainmirror "
-                             f"rebuilds {INFERENCE_MASKS}: retrain it (README, 'Training')")
+                             f"rebuilds {INFERENCE_MASKS}: retrain it (README, 'Reproducing the shipped weights')")
         network = metadata["network"]
         reconstructor = Reconstructor(tuple(network["unet_features"]))
         vae = BetaVAE(latent=network["latent"], channels=tuple(network["vae_channels"]))
