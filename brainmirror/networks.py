@@ -75,8 +75,12 @@ def beta_vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar
 
 
 def hemispheres(shape=SLICE_SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """The two inference masks, one hemisphere each: the network rebuilds a hemisphere from its
-    mirror image and never sees a voxel it predicts, so a lesion cannot be copied from around it."""
+    """The two inference masks, one hemisphere each: the network rebuilds a hemisphere from the
+    other one and its mirror image, without the tissue around a masked voxel on the same side.
+
+    The mirror channel still shows the masked hemisphere, flipped onto the visible side, so a
+    network trained mostly on these masks can learn to copy it back.
+    """
     left = np.zeros(shape, np.float32)
     left[: shape[0] // 2] = 1
     return left, left[::-1].copy()
