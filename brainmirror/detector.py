@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 
 from . import __version__
-from .networks import INFERENCE_MASKS, BetaVAE, Reconstructor, hemispheres
+from .networks import INFERENCE, BetaVAE, Reconstructor, hemispheres
 from .preprocess import SHAPE, Canonical
 from .result import Assessment, Finding
 
@@ -92,6 +92,10 @@ def mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.nd
     return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", delta, precision, delta), 0))
 
 
+def _describe(inference: dict[str, str]) -> str:
+    return f"{inference['masks']} masks with the {inference['mirror']} mirror"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -117,10 +121,10 @@ class Detector:
         if not metadata_path.exists():
             raise FileNotFoundError(f"no brainmirror model bundle at {bundle} (missing configs/metadata.json)")
         metadata = json.loads(metadata_path.read_text())
-        masks = metadata.get("inference", {}).get("masks", "checkerboard")
-        if masks != INFERENCE_MASKS:
-            raise ValueError(f"model bundle at {bundle} was fitted with {masks} inference masks, but this brainmirror "
-                             f"rebuilds {INFERENCE_MASKS}: retrain it (README, 'Reproducing the shipped weights')")
+        inference = {"masks": "checkerboard", "mirror": "unmasked", **metadata.get("inference", {})}
+        if inference != INFERENCE:
+            raise ValueError(f"model bundle at {bundle} was fitted for {_describe(inference)}, but this brainmirror "
+                             f"rebuilds {_describe(INFERENCE)}: retrain it (README, 'Reproducing the shipped weights')")
         network = metadata["network"]
         reconstructor = Reconstructor(tuple(network["unet_features"]))
         vae = BetaVAE(latent=network["latent"], channels=tuple(network["vae_channels"]))

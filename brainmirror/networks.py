@@ -13,7 +13,8 @@ from torch import nn
 
 SLICE_SHAPE = (96, 112)
 MIRROR_AXIS = -2  # left-right axis of a (..., 96, 112) slice tensor
-INFERENCE_MASKS = "hemispheres"  # recorded in a bundle: the masks its healthy statistics were fitted with
+# Recorded in a bundle: how its U-Net sees a slice, and the masks its healthy statistics were fitted with.
+INFERENCE = {"masks": "hemispheres", "mirror": "sealed"}
 
 
 def mirror(x: torch.Tensor) -> torch.Tensor:
@@ -23,7 +24,10 @@ def mirror(x: torch.Tensor) -> torch.Tensor:
 class Reconstructor(nn.Module):
     """2D U-Net that rebuilds masked regions from context and, optionally, the mirrored slice.
 
-    Input channels: masked slice, mirrored slice (zeros when the mirror is withheld), mask.
+    Input channels: masked slice, mirror image of the masked slice (zeros when the mirror is
+    withheld), mask. The mirror is taken after masking, so no channel shows a masked voxel: with a
+    mask that never covers a voxel and its mirror, a masked voxel sees its mirror partner, and the
+    network cannot copy what it has to rebuild (a lesion comes back as healthy tissue).
     """
 
     def __init__(self, features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)):
@@ -32,7 +36,8 @@ class Reconstructor(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, use_mirror: bool | torch.Tensor = True) -> torch.Tensor:
         keep = torch.as_tensor(use_mirror, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-        inputs = torch.cat([x * (1 - mask), mirror(x) * keep, mask], dim=1)
+        visible = x * (1 - mask)
+        inputs = torch.cat([visible, mirror(visible) * keep, mask], dim=1)
         return self.unet(inputs)
 
 
@@ -76,10 +81,7 @@ def beta_vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar
 
 def hemispheres(shape=SLICE_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     """The two inference masks, one hemisphere each: the network rebuilds a hemisphere from the
-    other one and its mirror image, without the tissue around a masked voxel on the same side.
-
-    The mirror channel still shows the masked hemisphere, flipped onto the visible side, so a
-    network trained mostly on these masks can learn to copy it back.
+    mirror image of the other one, without any tissue of the masked side.
     """
     left = np.zeros(shape, np.float32)
     left[: shape[0] // 2] = 1
@@ -95,12 +97,13 @@ def checkerboard(phase: int, block: int, offset: int = 0, shape=SLICE_SHAPE) -> 
 
 
 def training_mask(rng: np.random.Generator, shape=SLICE_SHAPE) -> np.ndarray:
-    """A random mask whose mirror image it never overlaps: checkerboards, blobs, or a hemisphere."""
+    """A random mask whose mirror image it never overlaps: mostly a hemisphere (the inference
+    masks), otherwise checkerboards or blobs."""
     kind = rng.random()
     if kind < 0.5:
-        return checkerboard(int(rng.integers(2)), int(rng.choice([8, 12, 16, 24])), int(rng.integers(24)), shape)
-    if kind < 0.6:
         return hemispheres(shape)[0 if rng.random() < 0.5 else 1]
+    if kind < 0.75:
+        return checkerboard(int(rng.integers(2)), int(rng.choice([8, 12, 16, 24])), int(rng.integers(24)), shape)
     yy, xx = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]))
     mask = np.zeros(shape, bool)
     for _ in range(int(rng.integers(1, 6))):

@@ -34,7 +34,7 @@ from .detector import (
     raw_voxel_map,
     slice_volume,
 )
-from .networks import INFERENCE_MASKS, BetaVAE, Reconstructor, beta_vae_loss, training_mask
+from .networks import INFERENCE, BetaVAE, Reconstructor, beta_vae_loss, training_mask
 from . import anatomies, preprocess
 from .preprocess import SHAPE, canonicalise
 
@@ -48,7 +48,7 @@ class TrainingConfig:
     vae_channels: tuple[int, ...] = (16, 32, 64, 16)
     latent: int = 1024
     beta: float = 4.0
-    unet_steps: int = 2000
+    unet_steps: int = 3000
     vae_steps: int = 1500
     batch_size: int = 16
     learning_rate: float = 2e-3
@@ -111,21 +111,37 @@ def split(studies: list[Slices], config: TrainingConfig) -> tuple[list[Slices], 
 
 
 # -- networks ------------------------------------------------------------------------------
+def _fingerprint(*parts) -> str:
+    """What a run depends on (tensors, arrays, settings), so that a checkpoint resumes only its own run."""
+    digest = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().numpy()
+        digest.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
+    return digest.hexdigest()
+
+
 def _checkpointed_loop(name: str, model: torch.nn.Module, steps: int, step_fn, checkpoint_dir: Path,
-                       learning_rate: float, progress: bool) -> None:
-    """Adam over ``steps`` with a resumable checkpoint every 100 steps."""
+                       learning_rate: float, progress: bool, key: str) -> None:
+    """Adam over ``steps`` with a resumable checkpoint every 100 steps.
+
+    ``key`` fingerprints the data, settings and starting weights: a checkpoint of another run
+    (other studies, recipe or network input) in the same folder is ignored, never resumed.
+    """
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
     path = checkpoint_dir / f"{name}.ckpt"
     start = 0
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["steps"] == steps:
+        if state.get("key") == key and state["steps"] == steps:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start = state["step"]
             log.info("resuming %s at step %d", name, start)
+        else:
+            log.info("not resuming %s from %s: it was made for other data or settings", name, path)
     model.train()
     bar = tqdm(range(start, steps), desc=f"train {name}", disable=not progress, initial=start, total=steps)
     for step in bar:
@@ -138,7 +154,8 @@ def _checkpointed_loop(name: str, model: torch.nn.Module, steps: int, step_fn, c
         if (step + 1) % 100 == 0 or step + 1 == steps:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step + 1, "steps": steps}, path)
+                        "scheduler": scheduler.state_dict(), "step": step + 1, "steps": steps,
+                        "key": key}, path)
     model.eval()
 
 
@@ -161,7 +178,8 @@ def train_reconstructor(fit: list[Slices], config: TrainingConfig, checkpoint_di
         visible = (error * (1 - mask)).sum() / ((1 - mask) * brain).sum().clamp(min=1)
         return hidden + 0.1 * visible
 
-    _checkpointed_loop("reconstruction", model, config.unet_steps, step, checkpoint_dir, config.learning_rate, progress)
+    key = _fingerprint(images, brains, config, INFERENCE, *model.state_dict().values())
+    _checkpointed_loop("reconstruction", model, config.unet_steps, step, checkpoint_dir, config.learning_rate, progress, key)
     return model
 
 
@@ -176,7 +194,8 @@ def train_vae(maps: np.ndarray, config: TrainingConfig, checkpoint_dir: Path, de
         recon, mu, logvar = model(x)
         return beta_vae_loss(recon, x, mu, logvar, config.beta) / x[0].numel()
 
-    _checkpointed_loop("embedding", model, config.vae_steps, step, checkpoint_dir, config.learning_rate / 2, progress)
+    key = _fingerprint(data, config, *model.state_dict().values())
+    _checkpointed_loop("embedding", model, config.vae_steps, step, checkpoint_dir, config.learning_rate / 2, progress, key)
     return model
 
 
@@ -269,7 +288,7 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
                      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}},
         "network": {"unet_features": list(config.unet_features), "vae_channels": list(config.vae_channels),
                     "latent": config.latent},
-        "inference": {"masks": INFERENCE_MASKS},
+        "inference": dict(INFERENCE),
         "network_data_format": {"inputs": {"image": {"type": "image", "modality": "MR", "num_channels": 1,
                                                      "spatial_shape": [96, 112], "format": "canonical axial slice"}},
                                 "outputs": {"score": {"type": "probabilities", "format": "anomaly score"}}},

@@ -28,6 +28,17 @@ def test_every_command_explains_its_options(command, option):
     assert proc.returncode == 0 and option in proc.stdout
 
 
+def test_train_defaults_are_the_training_recipe():
+    """`brainmirror train` without options trains what the README's recipe and the bundle record."""
+    from brainmirror.cli import build_parser
+    from brainmirror.training import TrainingConfig
+
+    args = build_parser().parse_args(["train", "--output", "m"])
+    recipe = TrainingConfig()
+    assert (args.unet_steps, args.vae_steps, args.batch_size, args.latent, args.beta, args.seed) == \
+        (recipe.unet_steps, recipe.vae_steps, recipe.batch_size, recipe.latent, recipe.beta, recipe.seed)
+
+
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     proc = brainmirror("train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "m"), timeout=120)
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

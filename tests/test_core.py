@@ -127,7 +127,8 @@ def test_bundles_fitted_for_other_inference_masks_are_refused(tmp_path):
     import json
     import shutil
 
-    for name, inference in (("checkerboard", {"masks": "checkerboard"}), ("unrecorded", None)):
+    for name, inference in (("checkerboard", {"masks": "checkerboard"}), ("unrecorded", None),
+                            ("unsealed", {"masks": "hemispheres"})):
         bundle = tmp_path / name
         shutil.copytree(MODEL_DIR / "brainmirror", bundle)
         path = bundle / "configs" / "metadata.json"
@@ -190,6 +191,38 @@ def test_symmetry_masked_reconstruction_removes_a_one_sided_lesion():
     # the reconstruction is nearer the healthy slices than the lesioned ones (measured: 0.25, 0.26,
     # 0.34 with hemisphere inference; 0.57, 0.18, 0.21 with the former 32 mm checkerboard blocks)
     assert np.mean(ratios) < 0.4, ratios
+
+
+def test_reconstructor_never_sees_a_voxel_it_rebuilds():
+    """Changing the masked hemisphere (a lesion there) changes nothing the network is given."""
+    torch.manual_seed(0)
+    net = Reconstructor((4, 4, 8, 8, 16, 4)).eval()
+    x = torch.rand(1, 1, 96, 112)
+    left, _ = hemispheres()
+    m = torch.from_numpy(left)[None, None]
+    lesioned = x + 5 * m * torch.rand_like(x)
+    with torch.no_grad():
+        assert torch.equal(net(x, m), net(lesioned, m))
+        unmasked = torch.zeros_like(m)
+        assert not torch.allclose(net(x, unmasked), net(lesioned, unmasked))
+
+
+def test_a_checkpoint_resumes_only_its_own_run(tmp_path):
+    """A finished checkpoint in --work is reused by the same run and ignored by any other."""
+    from brainmirror.training import _checkpointed_loop
+
+    def run(key: str) -> int:
+        model, calls = torch.nn.Linear(2, 1), []
+
+        def step(i: int) -> torch.Tensor:
+            calls.append(i)
+            return model(torch.ones(1, 2)).sum()
+
+        _checkpointed_loop("tiny", model, 3, step, tmp_path, 1e-3, False, key)
+        return len(calls)
+
+    assert run("a") == 3 and run("a") == 0  # finished: nothing left to do
+    assert run("b") == 3  # other data or settings: trained afresh, not resumed
 
 
 def test_reconstructor_withholds_the_mirror_when_asked():
