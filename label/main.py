@@ -3,7 +3,7 @@ and the site recalibrates its thresholds from the confirmed normals.
 
 Start it (from the repository root, with the label server's environment made by scripts/setup.sh):
 
-    label/.venv/bin/monailabel start_server --app label --studies <folder or DICOMweb URL> --host 127.0.0.1 --port 8000 [--conf key value ...]
+    label/.venv/bin/python -m monailabel.main start_server --app label --studies <folder or DICOMweb URL> --host 127.0.0.1 --port 8000 [--conf key value ...]
 
 Tasks: infer ``brainmirror``, strategy ``nearest_threshold``, scoring ``brainmirror``, train
 ``calibrate``. ``python label/main.py --help`` lists the --conf options and the review order.
