@@ -8,7 +8,10 @@ study's canonical grid, and every map computed on both:
 - ``flip``: ``|x - mirror(x)|``, no learning;
 - ``residual``: ``|x - reconstruction|`` of the model's mirror-informed reconstruction;
 - ``context``: the same without the mirror channel;
-- ``voxel``: the model's standardised voxel anomaly map.
+- ``voxel``: the model's standardised voxel anomaly map;
+- ``tissue``: the residual as a robust z against the same study's residuals of the same tissue
+  class, the class (3, a tied Gaussian mixture) read from the reconstruction, which rebuilds a
+  lesion as healthy tissue; no population statistics (a candidate, not in the model).
 
 The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the lesion contrast
 ``|x - twin|`` inside the lesion. Printed per (map, statistic), over focal lesions >= 10 mm:
@@ -45,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
+from sklearn.mixture import GaussianMixture
 from tqdm import tqdm
 
 from brainmirror.anatomies import ANATOMIES, TRAINING_ANATOMIES
@@ -54,7 +58,7 @@ from brainmirror.lesions import FOCAL_KINDS
 from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, normalise, resample
 
 FIRST_INDEX = 2000  # development-stream indices of this script (other diagnostics use others)
-MAPS = ("flip", "residual", "context", "voxel")
+MAPS = ("flip", "residual", "context", "voxel", "tissue")
 INTENSITY_MAPS = ("flip", "residual", "context")
 FOCAL_MIN_MM = 10.0
 
@@ -70,12 +74,28 @@ def canonical_pair(subject) -> tuple[Slices, Slices, np.ndarray]:
     return slices, twin_slices, truth[:, :, slices.z].transpose(2, 0, 1) & slices.mask
 
 
+def tissue_z(residual: np.ndarray, reconstruction: np.ndarray, brain: np.ndarray, classes: int = 3) -> np.ndarray:
+    """Residual as a robust z within its study and tissue class (class read from the reconstruction)."""
+    reference = ndimage.gaussian_filter(reconstruction, (0, 1, 1))[brain]
+    label = GaussianMixture(classes, covariance_type="tied", random_state=0).fit(reference[::7, None]).predict(reference[:, None])
+    values = ndimage.gaussian_filter(residual, (0, 1, 1))[brain]
+    z = np.zeros_like(values)
+    for c in range(classes):
+        v = values[label == c]
+        if len(v):
+            median = np.median(v)
+            z[label == c] = (v - median) / (1.4826 * np.median(np.abs(v - median)) + 1e-3)
+    out = np.zeros(brain.shape, np.float32)
+    out[brain] = z
+    return out
+
+
 def study_maps(detector: Detector, slices: Slices) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The maps, and the slice scores of every configuration."""
     maps = detector.reconstruct(slices)
     scores = detector.slice_scores(slices, maps, detector.embed(maps))
     volumes = {"flip": maps.symmetry, "residual": maps.residual, "context": maps.context_residual,
-               "voxel": maps.voxel_score}
+               "voxel": maps.voxel_score, "tissue": tissue_z(maps.residual, maps.reconstruction, slices.mask)}
     return volumes, scores
 
 
