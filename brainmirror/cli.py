@@ -51,18 +51,23 @@ def _sources(args: argparse.Namespace, stream: str, synthetic_default: int):
 def _training_config(args: argparse.Namespace):
     from .training import TrainingConfig
 
-    return TrainingConfig(unet_steps=args.unet_steps, vae_steps=args.vae_steps, batch_size=args.batch_size,
+    return TrainingConfig(unet_steps=args.unet_steps, restorer_steps=args.restorer_steps, vae_steps=args.vae_steps,
+                          batch_size=args.batch_size,
                           seed=args.seed, latent=args.latent, beta=args.beta)
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | None, vae_steps: int,
-                            output: Path | None = None) -> None:
+def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | None, restorer_steps: int | None,
+                            vae_steps: int, output: Path | None = None) -> None:
     if output is None:
         parser.add_argument("--output", type=Path, required=True, help="model bundle folder to write")
     else:
         parser.add_argument("--output", type=Path, default=output, help=f"folder to write (default {output.relative_to(output.parents[2])})")
     if unet_steps is not None:
-        parser.add_argument("--unet-steps", type=int, default=unet_steps, help=f"U-Net optimisation steps (default {unet_steps})")
+        parser.add_argument("--unet-steps", type=int, default=unet_steps,
+                            help=f"reconstruction U-Net optimisation steps (default {unet_steps})")
+    if restorer_steps is not None:
+        parser.add_argument("--restorer-steps", type=int, default=restorer_steps,
+                            help=f"restoration U-Net optimisation steps (default {restorer_steps})")
     parser.add_argument("--vae-steps", type=int, default=vae_steps, help=f"Beta-VAE optimisation steps (default {vae_steps})")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per U-Net step (default 16; the VAE uses twice this)")
     parser.add_argument("--latent", type=int, default=1024, help="Beta-VAE latent size (default 1024)")
@@ -263,11 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model bundle on healthy studies",
-                       description="Train the U-Net and the Beta-VAE on healthy studies only, fit the healthy "
+                       description="Train the two U-Nets (reconstruction, restoration) and the Beta-VAE on healthy studies only, fit the healthy "
                                    "statistics on a held-out quarter of them, and write a model bundle. "
                                    "Resumable: rerun the same command to continue from the last checkpoint.")
     _add_data_arguments(p, 48, "healthy studies")
-    _add_training_arguments(p, 3000, 1500)
+    _add_training_arguments(p, 3000, 2000, 1500)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-baseline", help="train the raw-slice VAE baseline that evaluate compares against",
@@ -276,15 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "seed), with its healthy statistics. `evaluate` scores it beside the model when "
                                    "it exists. Not part of the deployed application.")
     _add_data_arguments(p, 48, "healthy studies (the same as for `train`)")
-    _add_training_arguments(p, None, 1500, BASELINE_PATH)
-    p.set_defaults(func=cmd_train_baseline, unet_steps=0)
+    _add_training_arguments(p, None, None, 1500, BASELINE_PATH)
+    p.set_defaults(func=cmd_train_baseline, unet_steps=0, restorer_steps=0)
 
     p = sub.add_parser("finetune", help="adapt a trained bundle to a site's normal studies",
                        description="Continue training a model bundle on a site's own normal studies, refit the "
                                    "healthy statistics, and write a new bundle (calibrate it afterwards).")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bundle to start from (default: the shipped model)")
     _add_data_arguments(p, 16, "the site's normal studies")
-    _add_training_arguments(p, 500, 300)
+    _add_training_arguments(p, 500, 300, 300)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("calibrate", help="set thresholds on held-out healthy studies",

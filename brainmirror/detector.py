@@ -11,12 +11,14 @@ position against healthy statistics, then aggregated to the study):
   voxel anomaly map.
 
 Study score: the mean of the three highest slice scores (robust to one noisy slice, still
-sensitive to a lesion a few slices thick). Voxel anomaly map: the geometric mean of the
-mirror-informed and the context-only reconstruction residuals, smoothed, divided by its median
-in the study's brain, then standardised voxel by voxel against healthy subjects in canonical
-space. The geometric mean keeps a lesion (both residuals high) and suppresses its mirror ghost
-(the mirror-informed reconstruction of the healthy side copies the lesion, but the
-context-only one does not).
+sensitive to a lesion a few slices thick). Voxel anomaly map: the geometric mean of three
+residuals (the mirror-informed reconstruction's, the context-only reconstruction's and the
+restorer's), smoothed, divided by its median in the study's brain, then standardised voxel by
+voxel against healthy subjects in canonical space. A lesion is far from all three healthy
+references; a healthy voxel is rarely far from all three: the restorer keeps healthy tissue that
+the hemisphere reconstructions cannot predict (the two hemispheres' own folding), and the
+context-only reconstruction does not copy a lesion's mirror ghost, which the mirror-informed
+one of the healthy side does.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from scipy import ndimage
 
 from . import __version__
-from .networks import INFERENCE, BetaVAE, Reconstructor, hemispheres
+from .networks import INFERENCE, BetaVAE, Reconstructor, Restorer, rebuild_hemispheres
 from .preprocess import SHAPE, Canonical
 from .result import Assessment, Finding
 
@@ -59,6 +61,7 @@ class DifferenceMaps:
     reconstruction: np.ndarray  # mirror-informed reconstruction, (n, 96, 112)
     residual: np.ndarray  # |x - reconstruction|
     context_residual: np.ndarray  # |x - context-only reconstruction|
+    restoration_residual: np.ndarray  # |x - restored slice|
     symmetry: np.ndarray  # |x - mirror(x)|
     voxel_score: np.ndarray  # standardised voxel anomaly score (0 outside the brain)
 
@@ -74,16 +77,26 @@ def slice_volume(canonical: Canonical) -> Slices:
     )
 
 
-def raw_voxel_map(residual: np.ndarray, context_residual: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """Geometric mean of the two residuals, smoothed in-plane, relative to the study's own median.
+def raw_voxel_map(residual: np.ndarray, context_residual: np.ndarray, restoration_residual: np.ndarray,
+                  brain: np.ndarray) -> np.ndarray:
+    """Geometric mean of the three residuals, smoothed in-plane, relative to the study's own median.
 
     Dividing by the median inside the brain makes the map a ratio to the study's typical
     reconstruction error, so contrast, noise level and scanner (which set that level for every
     voxel alike) cancel, and only local excess remains for the healthy statistics to judge.
     """
-    raw = ndimage.gaussian_filter(np.sqrt(residual * context_residual), sigma=(0, 1, 1)) * brain
+    raw = ndimage.gaussian_filter(np.cbrt(residual * context_residual * restoration_residual), sigma=(0, 1, 1)) * brain
     level = float(np.median(raw[brain])) if brain.any() else 0.0
     return (raw / max(level, RAW_LEVEL_FLOOR)).astype(np.float32)
+
+
+def half_precision_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A network's weights as a bundle stores them: floating-point tensors in half precision.
+
+    Training rounds its networks to these weights before it fits healthy statistics with them
+    (``training.round_to_stored``), so a loaded bundle scores exactly as the one that was fitted.
+    """
+    return {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
 
 
 def mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -93,7 +106,7 @@ def mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.nd
 
 
 def _describe(inference: dict[str, str]) -> str:
-    return f"{inference['masks']} masks with the {inference['mirror']} mirror"
+    return f"{inference['masks']} masks with the {inference['mirror']} mirror, {inference['reference']} reference"
 
 
 def default_device() -> torch.device:
@@ -103,10 +116,11 @@ def default_device() -> torch.device:
 class Detector:
     """A trained model bundle: networks, healthy (normative) statistics and calibration."""
 
-    def __init__(self, reconstructor: Reconstructor, vae: BetaVAE, normative: dict[str, np.ndarray],
-                 metadata: dict, device: torch.device | None = None):
+    def __init__(self, reconstructor: Reconstructor, restorer: Restorer, vae: BetaVAE,
+                 normative: dict[str, np.ndarray], metadata: dict, device: torch.device | None = None):
         self.device = device or default_device()
         self.reconstructor = reconstructor.to(self.device).eval()
+        self.restorer = restorer.to(self.device).eval()
         self.vae = vae.to(self.device).eval()
         self.normative = normative
         self.metadata = metadata
@@ -121,28 +135,35 @@ class Detector:
         if not metadata_path.exists():
             raise FileNotFoundError(f"no brainmirror model bundle at {bundle} (missing configs/metadata.json)")
         metadata = json.loads(metadata_path.read_text())
-        inference = {"masks": "checkerboard", "mirror": "unmasked", **metadata.get("inference", {})}
+        inference = {"masks": "checkerboard", "mirror": "unmasked", "reference": "reconstructed",
+                     **metadata.get("inference", {})}
         if inference != INFERENCE:
             raise ValueError(f"model bundle at {bundle} was fitted for {_describe(inference)}, but this brainmirror "
                              f"rebuilds {_describe(INFERENCE)}: retrain it (README, 'Reproducing the shipped weights')")
         network = metadata["network"]
-        reconstructor = Reconstructor(tuple(network["unet_features"]))
-        vae = BetaVAE(latent=network["latent"], channels=tuple(network["vae_channels"]))
-        reconstructor.load_state_dict(torch.load(bundle / "models" / "reconstruction.pt", map_location="cpu"))
-        vae.load_state_dict(torch.load(bundle / "models" / "embedding.pt", map_location="cpu"))
+        networks = {"reconstruction": Reconstructor(tuple(network["unet_features"])),
+                    "restoration": Restorer(tuple(network["restorer_features"])),
+                    "embedding": BetaVAE(latent=network["latent"], channels=tuple(network["vae_channels"]))}
+        for name, model in networks.items():  # stored in half precision (see ``save``)
+            weights = torch.load(bundle / "models" / f"{name}.pt", map_location="cpu")
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
         with np.load(bundle / "models" / "normative.npz") as data:
             normative = {k: data[k].astype(np.float32) for k in data.files}
-        return cls(reconstructor, vae, normative, metadata, device)
+        return cls(networks["reconstruction"], networks["restoration"], networks["embedding"], normative, metadata, device)
 
     def save(self, bundle: Path | str) -> None:
         bundle = Path(bundle)
         (bundle / "configs").mkdir(parents=True, exist_ok=True)
         (bundle / "models").mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in self.reconstructor.state_dict().items()}, bundle / "models" / "reconstruction.pt")
-        torch.save({k: v.cpu() for k, v in self.vae.state_dict().items()}, bundle / "models" / "embedding.pt")
+        for name, model in self.networks().items():
+            torch.save(half_precision_weights(model), bundle / "models" / f"{name}.pt")
         np.savez_compressed(bundle / "models" / "normative.npz",
                             **{k: v.astype(np.float16 if v.ndim == 3 else np.float32) for k, v in self.normative.items()})
         (bundle / "configs" / "metadata.json").write_text(json.dumps(self.metadata, indent=2) + "\n")
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The bundle's networks by the file name they are stored under."""
+        return {"reconstruction": self.reconstructor, "restoration": self.restorer, "embedding": self.vae}
 
     def anatomies(self) -> tuple[str, ...]:
         """The virtual-cohort anatomies this bundle was trained or calibrated on (as recorded)."""
@@ -156,29 +177,27 @@ class Detector:
     # -- stages ----------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, slices: Slices, batch_size: int = 32) -> DifferenceMaps:
-        """Each hemisphere rebuilt while masked, with and without the mirror (of the other one)."""
-        x_all = torch.from_numpy(slices.image[:, None])
-        masks = [torch.from_numpy(half)[None, None] for half in hemispheres()]
-        mirrored = torch.zeros_like(x_all)
-        context = torch.zeros_like(x_all)
-        for start in range(0, len(x_all), batch_size):
-            x = x_all[start:start + batch_size].to(self.device)
-            for mask in masks:
-                m = mask.to(self.device).expand(len(x), -1, -1, -1)
-                both = self.reconstructor(torch.cat([x, x]), torch.cat([m, m]),
-                                          torch.tensor([1.0] * len(x) + [0.0] * len(x), device=self.device))
-                mirrored[start:start + len(x)] += (both[: len(x)] * m).cpu()
-                context[start:start + len(x)] += (both[len(x):] * m).cpu()
+        """Each hemisphere rebuilt while masked, with and without the mirror (of the other one), and
+        the slice restored from itself and its mirror-informed reconstruction."""
+        n = len(slices.image)
+        mirrored, context, restored = (np.zeros_like(slices.image) for _ in range(3))
+        for start in range(0, n, batch_size):
+            x = torch.from_numpy(slices.image[start:start + batch_size, None]).to(self.device)
+            brain = torch.from_numpy(slices.mask[start:start + batch_size, None]).to(x)
+            keep = torch.tensor([1.0] * len(x) + [0.0] * len(x), device=self.device)
+            both = rebuild_hemispheres(self.reconstructor, torch.cat([x, x]), keep) * torch.cat([brain, brain])
+            mirrored[start:start + len(x)] = both[: len(x), 0].cpu().numpy()
+            context[start:start + len(x)] = both[len(x):, 0].cpu().numpy()
+            restored[start:start + len(x)] = (self.restorer(x, both[: len(x)]) * brain)[:, 0].cpu().numpy()
         x_np, brain = slices.image, slices.mask
-        recon = mirrored[:, 0].numpy() * brain
-        residual = np.abs(x_np - recon) * brain
-        context_residual = np.abs(x_np - context[:, 0].numpy() * brain) * brain
+        residual, context_residual, restoration_residual = (np.abs(x_np - r) * brain for r in (mirrored, context, restored))
         symmetry = np.abs(x_np - x_np[:, ::-1]) * brain
-        return DifferenceMaps(recon, residual, context_residual, symmetry,
-                              self._voxel_score(residual, context_residual, brain, slices.z))
+        return DifferenceMaps(mirrored, residual, context_residual, restoration_residual, symmetry,
+                              self._voxel_score(residual, context_residual, restoration_residual, brain, slices.z))
 
-    def _voxel_score(self, residual: np.ndarray, context_residual: np.ndarray, brain: np.ndarray, z: np.ndarray) -> np.ndarray:
-        raw = raw_voxel_map(residual, context_residual, brain)
+    def _voxel_score(self, residual: np.ndarray, context_residual: np.ndarray, restoration_residual: np.ndarray,
+                     brain: np.ndarray, z: np.ndarray) -> np.ndarray:
+        raw = raw_voxel_map(residual, context_residual, restoration_residual, brain)
         if "voxel_mean" not in self.normative:  # while training, before healthy statistics exist
             return raw
         mean = self.normative["voxel_mean"][:, :, z].transpose(2, 0, 1)

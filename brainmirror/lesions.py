@@ -35,6 +35,23 @@ lesion's contrast) is added, so lesions are neither noise-free nor flat.
 
 Shapes are level sets of "ellipsoid radial distance + smoothed noise" with a smooth (C1
 smoothstep, compact) 1-3 mm boundary ramp, randomly rotated.
+
+Against published values (checked, nothing tuned to them; a miss is to be read by its stratum):
+
+* The healthy GM/WM contrast that ``c`` is measured in (the virtual cohort's tissue means,
+  GM/WM 0.71 on T1, 1.43 T2, 1.35 FLAIR, 1.26 PD) is of the order that published relaxation
+  times give at 3 T: grey matter T1/T2 1143/78 ms, white matter 701/64 ms (Konar et al.,
+  Cancers 2022;14(11):2651, doi:10.3390/cancers14112651), which for usual spin-echo and FLAIR
+  timings and equal proton density give GM/WM about 0.8 (T1w), 1.4-1.5 (T2w) and 1.3 (FLAIR).
+* Stroke here is a *visible* infarct: lesion over homologous contralateral tissue 1.3-1.7 on
+  FLAIR (k 1.2-2.0). Hyperacute infarcts are subtler: a FLAIR signal-intensity ratio of at most
+  1.18 identifies stroke within 6 h of onset (Legge et al., J Stroke Cerebrovasc Dis
+  2017;26(7):1582-1587, doi:10.1016/j.jstrokecerebrovasdis.2017.02.030). The suite has none of
+  those, so its stroke figures do not speak for hyperacute stroke.
+* ``small`` (0.10-0.25 of the GM/WM contrast) is the subtle stratum by construction, subtler
+  than any published lesion ratio found.
+* No offline source gave quantitative lesion-to-white-matter ratios for metastases, MS plaques,
+  haemorrhage or peritumoural oedema; those kinds are not checked.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The two networks and the symmetry-aware masks.
+"""The networks and the symmetry-aware masks.
 
 Slices are canonical axial slices of shape (96, 112): axis 0 is left-right, so ``x.flip(-2)``
 is the mirror image about the mid-sagittal plane.
@@ -13,8 +13,9 @@ from torch import nn
 
 SLICE_SHAPE = (96, 112)
 MIRROR_AXIS = -2  # left-right axis of a (..., 96, 112) slice tensor
-# Recorded in a bundle: how its U-Net sees a slice, and the masks its healthy statistics were fitted with.
-INFERENCE = {"masks": "hemispheres", "mirror": "sealed"}
+# Recorded in a bundle: how its U-Net sees a slice, the masks its healthy statistics were fitted with,
+# and the healthy reference its maps compare a slice with.
+INFERENCE = {"masks": "hemispheres", "mirror": "sealed", "reference": "restored"}
 
 
 def mirror(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +40,25 @@ class Reconstructor(nn.Module):
         visible = x * (1 - mask)
         inputs = torch.cat([visible, mirror(visible) * keep, mask], dim=1)
         return self.unet(inputs)
+
+
+class Restorer(nn.Module):
+    """2D U-Net that returns a slice without its disorders, given the slice and its hemisphere
+    reconstruction (input channels: slice, reconstruction).
+
+    Trained on healthy slices with synthetic disorders (``disorders.py``) to return the clean slice:
+    where the slice departs from its mirror-informed reconstruction like a disorder, it follows the
+    reconstruction; where it departs like healthy tissue (the two hemispheres' own folding), it keeps
+    the slice. Its residual is therefore small in healthy tissue, which the reconstruction residual
+    alone is not.
+    """
+
+    def __init__(self, features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)):
+        super().__init__()
+        self.unet = BasicUNet(spatial_dims=2, in_channels=2, out_channels=1, features=features)
+
+    def forward(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        return self.unet(torch.cat([x, reconstruction], dim=1))
 
 
 class BetaVAE(nn.Module):
@@ -86,6 +106,15 @@ def hemispheres(shape=SLICE_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     left = np.zeros(shape, np.float32)
     left[: shape[0] // 2] = 1
     return left, left[::-1].copy()
+
+
+def rebuild_hemispheres(reconstructor: Reconstructor, x: torch.Tensor, use_mirror: torch.Tensor) -> torch.Tensor:
+    """Each hemisphere of ``x`` (n, 1, 96, 112) rebuilt while it is masked; ``use_mirror`` (n,) 1 or 0."""
+    out = torch.zeros_like(x)
+    for half in hemispheres():
+        mask = torch.from_numpy(half).to(x)[None, None].expand(len(x), -1, -1, -1)
+        out = out + reconstructor(x, mask, use_mirror) * mask
+    return out
 
 
 def checkerboard(phase: int, block: int, offset: int = 0, shape=SLICE_SHAPE) -> np.ndarray:

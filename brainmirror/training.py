@@ -31,11 +31,12 @@ from .detector import (
     DifferenceMaps,
     Slices,
     default_device,
+    half_precision_weights,
     raw_voxel_map,
     slice_volume,
 )
-from .networks import INFERENCE, BetaVAE, Reconstructor, beta_vae_loss, training_mask
-from . import anatomies, preprocess
+from .networks import INFERENCE, BetaVAE, Reconstructor, Restorer, beta_vae_loss, rebuild_hemispheres, training_mask
+from . import anatomies, disorders, preprocess
 from .preprocess import SHAPE, canonicalise
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class TrainingConfig:
     latent: int = 1024
     beta: float = 4.0
     unet_steps: int = 3000
+    restorer_features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)
+    restorer_steps: int = 2000
     vae_steps: int = 1500
     batch_size: int = 16
     learning_rate: float = 2e-3
@@ -183,6 +186,48 @@ def train_reconstructor(fit: list[Slices], config: TrainingConfig, checkpoint_di
     return model
 
 
+def train_restorer(fit: list[Slices], config: TrainingConfig, checkpoint_dir: Path, device: torch.device,
+                   reconstructor: Reconstructor, model: Restorer | None = None, progress: bool = True) -> Restorer:
+    """Healthy slices with synthetic disorders (``disorders.py``) -> the clean slice, given the
+    frozen reconstructor's hemisphere reconstruction of the disordered slice. L1 inside the brain,
+    weighted five-fold inside the disorders."""
+    images = np.concatenate([s.image for s in fit])
+    brains = np.concatenate([s.mask for s in fit])
+    model = (model or Restorer(config.restorer_features)).to(device)
+    reconstructor = reconstructor.to(device).eval()
+
+    def step(i: int) -> torch.Tensor:
+        rng = np.random.default_rng([config.seed, 3, i])
+        index = rng.integers(len(images), size=config.batch_size)
+        clean, corrupted, weights = [], [], []
+        for j in index:
+            gain = rng.uniform(0.85, 1.15)
+            donors = images[rng.integers(len(images), size=4)] * gain
+            image, weight = disorders.corrupt(images[j] * gain, brains[j], donors, rng)
+            clean.append(images[j] * gain)
+            corrupted.append(image)
+            weights.append(weight)
+        as_tensor = lambda a: torch.from_numpy(np.stack(a)[:, None].astype(np.float32)).to(device)  # noqa: E731
+        x, target, weight = as_tensor(corrupted), as_tensor(clean), as_tensor(weights)
+        brain = torch.from_numpy(brains[index][:, None].astype(np.float32)).to(device)
+        with torch.no_grad():
+            reconstruction = rebuild_hemispheres(reconstructor, x, torch.ones(len(x), device=device)) * brain
+        error = (model(x, reconstruction) - target).abs() * brain * (1 + 4 * weight)
+        return error.sum() / brain.sum().clamp(min=1)
+
+    key = _fingerprint(images, brains, config, INFERENCE, *reconstructor.state_dict().values(),
+                       *model.state_dict().values())
+    _checkpointed_loop("restoration", model, config.restorer_steps, step, checkpoint_dir, config.learning_rate, progress, key)
+    return model
+
+
+def round_to_stored(model: torch.nn.Module) -> torch.nn.Module:
+    """The network with the (half-precision) weights a bundle stores, so that what is fitted with it
+    is what ships."""
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in half_precision_weights(model).items()})
+    return model
+
+
 def train_vae(maps: np.ndarray, config: TrainingConfig, checkpoint_dir: Path, device: torch.device,
               model: BetaVAE | None = None, progress: bool = True) -> BetaVAE:
     data = torch.from_numpy(maps)
@@ -204,7 +249,7 @@ def voxel_statistics(studies: list[Slices], maps: list[DifferenceMaps]) -> tuple
     """Per-voxel mean and std of the raw anomaly map over healthy studies, spatially smoothed."""
     total, total_sq, count = (np.zeros(SHAPE, np.float64) for _ in range(3))
     for s, m in zip(studies, maps):
-        raw = raw_voxel_map(m.residual, m.context_residual, s.mask).transpose(1, 2, 0)
+        raw = raw_voxel_map(m.residual, m.context_residual, m.restoration_residual, s.mask).transpose(1, 2, 0)
         brain = s.mask.transpose(1, 2, 0)
         total[:, :, s.z] += raw * brain
         total_sq[:, :, s.z] += raw**2 * brain
@@ -262,21 +307,24 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
         raise ValueError(f"need at least 4 usable healthy studies, found {len(studies)}")
     fit, normative = split(studies, config)
 
-    reconstructor = train_reconstructor(fit, config, work / "checkpoints", device,
-                                        base.reconstructor if base else None, progress)
+    reconstructor = round_to_stored(train_reconstructor(fit, config, work / "checkpoints", device,
+                                                        base.reconstructor if base else None, progress))
+    restorer = round_to_stored(train_restorer(fit, config, work / "checkpoints", device, reconstructor,
+                                              base.restorer if base else None, progress))
     vae = base.vae if base else BetaVAE(latent=config.latent, channels=config.vae_channels)
-    detector = Detector(reconstructor, vae, dict(base.normative) if base else {}, {}, device)
+    detector = Detector(reconstructor, restorer, vae, dict(base.normative) if base else {}, {}, device)
     fit_voxel_statistics(detector, normative, progress)
     fit_maps = np.concatenate([Detector.vae_input(detector.reconstruct(s))
                                for s in tqdm(fit, desc="difference maps", disable=not progress)])
-    detector.vae = train_vae(fit_maps, config, work / "checkpoints", device, detector.vae, progress).eval()
+    detector.vae = round_to_stored(train_vae(fit_maps, config, work / "checkpoints", device, detector.vae, progress)).eval()
     fit_embedding_statistics(detector, normative, progress)
     detector.metadata = {
         "name": "brainmirror",
         "version": __version__,
         "task": "Unsupervised anomaly detection in brain MRI (symmetry-informed inverse learning)",
-        "description": "2D U-Net rebuilding each masked hemisphere from its mirror image, "
-                       "Beta-VAE embedding of difference maps, Mahalanobis scoring.",
+        "description": "2D U-Net rebuilding each masked hemisphere from its mirror image, a second one "
+                       "restoring the slice from itself and that reconstruction, Beta-VAE embedding of "
+                       "difference maps, Mahalanobis scoring.",
         "authors": "brainmirror",
         "copyright": "brainmirror",
         "intended_use": "Research only. NOT FOR CLINICAL USE.",
@@ -286,7 +334,8 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
                      "fine_tuned_from": base.version if base else None,
                      "anatomies": sorted(set(anatomies) | set(base.anatomies() if base else ())),
                      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}},
-        "network": {"unet_features": list(config.unet_features), "vae_channels": list(config.vae_channels),
+        "network": {"unet_features": list(config.unet_features), "restorer_features": list(config.restorer_features),
+                    "vae_channels": list(config.vae_channels),
                     "latent": config.latent},
         "inference": dict(INFERENCE),
         "network_data_format": {"inputs": {"image": {"type": "image", "modality": "MR", "num_channels": 1,

@@ -8,6 +8,7 @@ study's canonical grid, and every map computed on both:
 - ``flip``: ``|x - mirror(x)|``, no learning;
 - ``residual``: ``|x - reconstruction|`` of the model's mirror-informed reconstruction;
 - ``context``: the same without the mirror channel;
+- ``restored``: ``|x - restored slice|`` of the model's restorer (slice and reconstruction in);
 - ``voxel``: the model's standardised voxel anomaly map;
 - ``tissue``: the residual as a robust z against the same study's residuals of the same tissue
   class, the class (3, a tied Gaussian mixture) read from the reconstruction, which rebuilds a
@@ -35,6 +36,10 @@ Statistics: ``top50``/``top500`` (mean of the highest brain voxels), ``mass`` (l
 connected region above the map's healthy 99th percentile, ml), and the model's own study scores
 (``study:<configuration>``: top-3 slice mean). Per lesion kind and contrast: the paired response.
 
+Voxel level, per map, over the focal lesion studies: ``AUPRC`` (all their brain voxels pooled) and
+``Dice`` (mean per study) at the map's healthy 99th percentile over every twin's brain (a 1 %
+voxel false-positive rate on healthy twins, as the evaluation protocol sets its voxel threshold).
+
     .venv/bin/python scripts/evidence_ladder.py --pairs 3 --output work/ladder.json
 """
 
@@ -47,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.mixture import GaussianMixture
 from tqdm import tqdm
 
@@ -58,8 +63,8 @@ from brainmirror.lesions import FOCAL_KINDS
 from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, normalise, resample
 
 FIRST_INDEX = 2000  # development-stream indices of this script (other diagnostics use others)
-MAPS = ("flip", "residual", "context", "voxel", "tissue")
-INTENSITY_MAPS = ("flip", "residual", "context")
+MAPS = ("flip", "residual", "context", "restored", "voxel", "tissue")
+INTENSITY_MAPS = ("flip", "residual", "context", "restored")
 FOCAL_MIN_MM = 10.0
 
 
@@ -95,7 +100,7 @@ def study_maps(detector: Detector, slices: Slices) -> tuple[dict[str, np.ndarray
     maps = detector.reconstruct(slices)
     scores = detector.slice_scores(slices, maps, detector.embed(maps))
     volumes = {"flip": maps.symmetry, "residual": maps.residual, "context": maps.context_residual,
-               "voxel": maps.voxel_score, "tissue": tissue_z(maps.residual, maps.reconstruction, slices.mask)}
+               "restored": maps.restoration_residual, "voxel": maps.voxel_score, "tissue": tissue_z(maps.residual, maps.reconstruction, slices.mask)}
     return volumes, scores
 
 
@@ -164,7 +169,7 @@ def main() -> None:
                     "diameter_mm": subject.meta["lesion_diameter_mm"], "volume_ml": subject.meta["lesion_volume_ml"],
                     "lesion_contrast": contrast_in_lesion, "recovered": recovered,
                     "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
-                    "lesion_slices": truth.any(axis=(1, 2))})
+                    "lesion_slices": truth.any(axis=(1, 2)), "truth": truth})
 
     # healthy 99th percentile of each map over every twin's brain: the threshold of "mass"
     thresholds = {m: float(np.percentile(np.concatenate([r["maps"][1][m][r["brain"]] for r in raw]), 99)) for m in MAPS}
@@ -184,6 +189,16 @@ def main() -> None:
                                                          "lesion_slices": r["lesion_slices"].tolist()})
 
     focal = [p for p in pairs if p["diameter_mm"] >= FOCAL_MIN_MM]
+    focal_raw = [r for r in raw if r["diameter_mm"] >= FOCAL_MIN_MM and r["truth"].any()]
+    voxel = {}
+    for m in MAPS:
+        scores = np.concatenate([r["maps"][0][m][r["brain"]] for r in focal_raw])
+        labels = np.concatenate([r["truth"][r["brain"]] for r in focal_raw])
+        dice = [2 * np.sum((r["maps"][0][m] > thresholds[m]) & r["brain"] & r["truth"])
+                / (np.sum((r["maps"][0][m] > thresholds[m]) & r["brain"]) + np.sum(r["truth"])) for r in focal_raw]
+        voxel[m] = {"auprc": float(average_precision_score(labels, scores)), "dice": float(np.mean(dice)),
+                    "dice_by_kind": {k: float(np.mean([d for d, r in zip(dice, focal_raw) if r["kind"] == k]))
+                                     for k in FOCAL_KINDS if any(r["kind"] == k for r in focal_raw)}}
     keys = list(pairs[0]["lesion"])
     print(f"\n{len(pairs)} pairs ({len(focal)} focal >= {FOCAL_MIN_MM:g} mm), model {args.model}, "
           f"anatomies {', '.join(anatomies)} (seen: {', '.join(seen)}); SYNTHETIC development stream")
@@ -211,9 +226,13 @@ def main() -> None:
               + " ".join(f"{v:5.2f}" for v in row["paired_by_contrast"].values()))
     print("\nrecovered share of the lesion contrast inside the lesion (median over focal pairs; oracle 1.0): "
           + ", ".join(f"{m} {np.median([p['recovered'][m] for p in focal if p['recovered']]):.2f}" for m in INTENSITY_MAPS))
+    print(f"\nvoxel level over the {len(focal_raw)} focal lesion studies, threshold: the map's healthy 99th percentile")
+    print(f"{'map':10s} {'AUPRC':>6s} {'Dice':>6s}   " + " ".join(f"{k[:6]:>6s}" for k in voxel[MAPS[0]]["dice_by_kind"]))
+    for m, v in voxel.items():
+        print(f"{m:10s} {v['auprc']:6.3f} {v['dice']:6.3f}   " + " ".join(f"{d:6.3f}" for d in v["dice_by_kind"].values()))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"pairs": pairs, "summary": summary, "thresholds": thresholds,
+        args.output.write_text(json.dumps({"pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds,
                                            "model": str(args.model)}, indent=1, default=float) + "\n")
         print(f"written to {args.output}")
 

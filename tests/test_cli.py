@@ -35,8 +35,9 @@ def test_train_defaults_are_the_training_recipe():
 
     args = build_parser().parse_args(["train", "--output", "m"])
     recipe = TrainingConfig()
-    assert (args.unet_steps, args.vae_steps, args.batch_size, args.latent, args.beta, args.seed) == \
-        (recipe.unet_steps, recipe.vae_steps, recipe.batch_size, recipe.latent, recipe.beta, recipe.seed)
+    assert (args.unet_steps, args.restorer_steps, args.vae_steps, args.batch_size, args.latent, args.beta, args.seed) == \
+        (recipe.unet_steps, recipe.restorer_steps, recipe.vae_steps, recipe.batch_size, recipe.latent, recipe.beta,
+         recipe.seed)
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
@@ -54,14 +55,14 @@ def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
     for i in range(4):  # a site's folder of healthy NIfTI studies
         nib.save(make_subject("mni", subject_rng("test", i)).image, data / f"sub-{i:02d}_T1w.nii.gz")
     model, work = tmp_path / "model", tmp_path / "work"
-    small = ["--unet-steps", "3", "--vae-steps", "3", "--batch-size", "2", "--latent", "16", "--quiet"]
+    small = ["--unet-steps", "3", "--restorer-steps", "3", "--vae-steps", "3", "--batch-size", "2", "--latent", "16", "--quiet"]
     proc = brainmirror("train", "--data", str(data), "--output", str(model), "--work", str(work), *small)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metadata = json.loads((model / "configs" / "metadata.json").read_text())
     assert metadata["network"]["latent"] == 16
     assert metadata["training"]["studies"] == 2 and metadata["training"]["normative_studies"] == 2  # at least 2 held out
     assert metadata["training"]["anatomies"] == []  # site data: no virtual-cohort anatomy seen
-    for name in ("reconstruction.pt", "embedding.pt", "normative.npz"):
+    for name in ("reconstruction.pt", "restoration.pt", "embedding.pt", "normative.npz"):
         assert (model / "models" / name).exists()
 
     proc = brainmirror("calibrate", "--model", str(model), "--data", str(data), "--work", str(work), "--quiet")
