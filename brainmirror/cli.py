@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "statistics on a held-out quarter of them, and write a model bundle. "
                                    "Resumable: rerun the same command to continue from the last checkpoint.")
     _add_data_arguments(p, 48, "healthy studies")
-    _add_training_arguments(p, 3000, 2000, 1500)
+    _add_training_arguments(p, 3000, 4000, 1500)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-baseline", help="train the raw-slice VAE baseline that evaluate compares against",

@@ -146,7 +146,12 @@ class Detector:
                     "embedding": BetaVAE(latent=network["latent"], channels=tuple(network["vae_channels"]))}
         for name, model in networks.items():  # stored in half precision (see ``save``)
             weights = torch.load(bundle / "models" / f"{name}.pt", map_location="cpu")
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+            try:
+                model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+            except RuntimeError as error:
+                detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+                raise ValueError(f"model bundle at {bundle}: its {name} network is not the one this brainmirror "
+                                 f"runs ({detail}): retrain it (README, 'Reproducing the shipped weights')") from None
         with np.load(bundle / "models" / "normative.npz") as data:
             normative = {k: data[k].astype(np.float32) for k in data.files}
         return cls(networks["reconstruction"], networks["restoration"], networks["embedding"], normative, metadata, device)

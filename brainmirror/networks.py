@@ -46,19 +46,25 @@ class Restorer(nn.Module):
     """2D U-Net that returns a slice without its disorders, given the slice and its hemisphere
     reconstruction (input channels: slice, reconstruction).
 
-    Trained on healthy slices with synthetic disorders (``disorders.py``) to return the clean slice:
-    where the slice departs from its mirror-informed reconstruction like a disorder, it follows the
-    reconstruction; where it departs like healthy tissue (the two hemispheres' own folding), it keeps
-    the slice. Its residual is therefore small in healthy tissue, which the reconstruction residual
-    alone is not.
+    Trained on healthy slices with synthetic disorders (``disorders.py``) to return the clean slice
+    and, as a second output, where the disorders were (logits of their weight map): where the slice
+    departs from its mirror-informed reconstruction like a disorder, it follows the reconstruction;
+    where it departs like healthy tissue (the two hemispheres' own folding), it keeps the slice. Its
+    residual is therefore small in healthy tissue, which the reconstruction residual alone is not.
+    Having to say where the disorders are keeps it from learning the identity.
     """
 
     def __init__(self, features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)):
         super().__init__()
-        self.unet = BasicUNet(spatial_dims=2, in_channels=2, out_channels=1, features=features)
+        self.unet = BasicUNet(spatial_dims=2, in_channels=2, out_channels=2, features=features)
+
+    def restore_and_locate(self, x: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The restored slice and the logits of where its disorders are, each (n, 1, H, W)."""
+        out = self.unet(torch.cat([x, reconstruction], dim=1))
+        return out[:, :1], out[:, 1:]
 
     def forward(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        return self.unet(torch.cat([x, reconstruction], dim=1))
+        return self.restore_and_locate(x, reconstruction)[0]
 
 
 class BetaVAE(nn.Module):

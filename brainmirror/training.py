@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.covariance import LedoitWolf
 from tqdm import tqdm
@@ -40,6 +41,9 @@ from . import anatomies, disorders, preprocess
 from .preprocess import SHAPE, canonicalise
 
 log = logging.getLogger(__name__)
+
+LOCATE_WEIGHT = 0.5  # restorer loss: weight of saying where the disorders are, next to restoring them
+
 StudySource = Iterable[tuple[str, Callable[[], nib.Nifti1Image]]]
 
 
@@ -51,7 +55,7 @@ class TrainingConfig:
     beta: float = 4.0
     unet_steps: int = 3000
     restorer_features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)
-    restorer_steps: int = 2000
+    restorer_steps: int = 4000
     vae_steps: int = 1500
     batch_size: int = 16
     learning_rate: float = 2e-3
@@ -124,6 +128,12 @@ def _fingerprint(*parts) -> str:
     return digest.hexdigest()
 
 
+def _settings(config: TrainingConfig, *names: str) -> tuple:
+    """The named settings of ``config``: a stage's checkpoint depends on its own settings only, so
+    changing a later stage's recipe reuses the earlier stages' finished checkpoints."""
+    return tuple((name, getattr(config, name)) for name in names)
+
+
 def _checkpointed_loop(name: str, model: torch.nn.Module, steps: int, step_fn, checkpoint_dir: Path,
                        learning_rate: float, progress: bool, key: str) -> None:
     """Adam over ``steps`` with a resumable checkpoint every 100 steps.
@@ -181,16 +191,18 @@ def train_reconstructor(fit: list[Slices], config: TrainingConfig, checkpoint_di
         visible = (error * (1 - mask)).sum() / ((1 - mask) * brain).sum().clamp(min=1)
         return hidden + 0.1 * visible
 
-    key = _fingerprint(images, brains, config, INFERENCE, *model.state_dict().values())
+    key = _fingerprint(images, brains, _settings(config, "unet_features", "unet_steps", "batch_size", "learning_rate",
+                                                 "mirror_dropout", "seed"), INFERENCE, *model.state_dict().values())
     _checkpointed_loop("reconstruction", model, config.unet_steps, step, checkpoint_dir, config.learning_rate, progress, key)
     return model
 
 
 def train_restorer(fit: list[Slices], config: TrainingConfig, checkpoint_dir: Path, device: torch.device,
                    reconstructor: Reconstructor, model: Restorer | None = None, progress: bool = True) -> Restorer:
-    """Healthy slices with synthetic disorders (``disorders.py``) -> the clean slice, given the
-    frozen reconstructor's hemisphere reconstruction of the disordered slice. L1 inside the brain,
-    weighted five-fold inside the disorders."""
+    """Healthy slices with synthetic disorders (``disorders.py``) -> the clean slice and where the
+    disorders are, given the frozen reconstructor's hemisphere reconstruction of the disordered
+    slice. Loss inside the brain: L1 to the clean slice (weighted five-fold inside the disorders)
+    plus ``LOCATE_WEIGHT`` x binary cross-entropy to the disorders' weight map."""
     images = np.concatenate([s.image for s in fit])
     brains = np.concatenate([s.mask for s in fit])
     model = (model or Restorer(config.restorer_features)).to(device)
@@ -212,10 +224,14 @@ def train_restorer(fit: list[Slices], config: TrainingConfig, checkpoint_dir: Pa
         brain = torch.from_numpy(brains[index][:, None].astype(np.float32)).to(device)
         with torch.no_grad():
             reconstruction = rebuild_hemispheres(reconstructor, x, torch.ones(len(x), device=device)) * brain
-        error = (model(x, reconstruction) - target).abs() * brain * (1 + 4 * weight)
-        return error.sum() / brain.sum().clamp(min=1)
+        restored, where = model.restore_and_locate(x, reconstruction)
+        error = (restored - target).abs() * (1 + 4 * weight) + LOCATE_WEIGHT * F.binary_cross_entropy_with_logits(
+            where, weight, reduction="none")
+        return (error * brain).sum() / brain.sum().clamp(min=1)
 
-    key = _fingerprint(images, brains, config, INFERENCE, *reconstructor.state_dict().values(),
+    key = _fingerprint(images, brains, _settings(config, "restorer_features", "restorer_steps", "batch_size",
+                                                 "learning_rate", "seed"), LOCATE_WEIGHT, INFERENCE,
+                       *reconstructor.state_dict().values(),
                        *model.state_dict().values())
     _checkpointed_loop("restoration", model, config.restorer_steps, step, checkpoint_dir, config.learning_rate, progress, key)
     return model
@@ -239,7 +255,8 @@ def train_vae(maps: np.ndarray, config: TrainingConfig, checkpoint_dir: Path, de
         recon, mu, logvar = model(x)
         return beta_vae_loss(recon, x, mu, logvar, config.beta) / x[0].numel()
 
-    key = _fingerprint(data, config, *model.state_dict().values())
+    key = _fingerprint(data, _settings(config, "latent", "vae_channels", "beta", "vae_steps", "batch_size", "learning_rate",
+                                       "seed"), *model.state_dict().values())
     _checkpointed_loop("embedding", model, config.vae_steps, step, checkpoint_dir, config.learning_rate / 2, progress, key)
     return model
 
