@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
-
-from .detector import Slices, default_device, mahalanobis
-from .networks import BetaVAE
+from .embedding import embed, embedding_statistics, mahalanobis
+from .networks import BetaVAE, default_device
+from .slicing import Slices
+from .study_statistic import position_statistics
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "models" / "baselines" / "raw-vae"
 
@@ -34,11 +34,8 @@ class RawVAEBaseline:
         self.normative = normative
         self.metadata = metadata
 
-    @torch.no_grad()
-    def embed(self, slices: Slices, batch_size: int = 64) -> np.ndarray:
-        x = torch.from_numpy(slices.image[:, None].astype(np.float32))
-        out = [self.vae.encode(x[i:i + batch_size].to(self.device))[0].cpu() for i in range(0, len(x), batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.vae.mu.out_features), np.float32)
+    def embed(self, slices: Slices) -> np.ndarray:
+        return embed(self.vae, slices.image[:, None])
 
     def distances(self, slices: Slices) -> np.ndarray:
         return mahalanobis(self.embed(slices), self.normative["embedding_mean"], self.normative["embedding_precision"])
@@ -49,12 +46,8 @@ class RawVAEBaseline:
 
     def fit_statistics(self, normative: list[Slices]) -> None:
         """Embedding mean, Ledoit-Wolf precision and per-position score statistics on healthy studies."""
-        from .training import position_statistics
-
         embeddings = [self.embed(s) for s in normative]
-        lw = LedoitWolf().fit(np.concatenate(embeddings))
-        self.normative = {"embedding_mean": lw.location_.astype(np.float32),
-                          "embedding_precision": lw.precision_.astype(np.float32)}
+        self.normative = embedding_statistics(np.concatenate(embeddings))
         distances = [mahalanobis(e, self.normative["embedding_mean"], self.normative["embedding_precision"]) for e in embeddings]
         self.normative["score_mean"], self.normative["score_std"] = position_statistics(distances, [s.z for s in normative])
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .detector import Detector, slice_volume
+from .detector import Detector
+from .slicing import slice_volume
 from .networks import SLICE_SHAPE, hemispheres
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,30 +1,13 @@
-"""The detector: slicer, reconstruction, difference maps, embedding and scoring stages.
+"""The detector: a trained model bundle and its stages, in the order a study meets them.
 
-Scoring (every configuration is a per-slice statistic, standardised per canonical slice
-position against healthy statistics, then aggregated to the study):
-
-- ``mse``: mean squared residual of the mirror-informed reconstruction inside the brain,
-- ``symmetry``: mean squared left-right difference ``|x - mirror(x)|`` inside the brain,
-- ``vae``: Mahalanobis distance of the Beta-VAE embedding of the difference maps to the
-  healthy embeddings (Ledoit-Wolf shrinkage covariance),
-- ``combined``: the mean of the standardised ``vae`` score and of the top-2 % mean of the
-  voxel anomaly map.
-
-Study score: the mean of the three highest slice scores (robust to one noisy slice, still
-sensitive to a lesion a few slices thick). Voxel anomaly map: the geometric mean of three
-residuals (the mirror-informed reconstruction's, the context-only reconstruction's and the
-restorer's), smoothed, divided by its median in the study's brain, then standardised voxel by
-voxel against healthy subjects in canonical space. A lesion is far from all three healthy
-references; a healthy voxel is rarely far from all three: the restorer keeps healthy tissue that
-the hemisphere reconstructions cannot predict (the two hemispheres' own folding), and the
-context-only reconstruction does not copy a lesion's mirror ghost, which the mirror-informed
-one of the healthy side does.
+slicing -> healthy_reference -> difference_maps -> embedding -> study_statistic, then the verdict
+and findings on the input's native grid (``score``). Each stage lives in the module named for it;
+this module binds them to a bundle's networks and healthy statistics.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,62 +15,16 @@ import torch
 from scipy import ndimage
 
 from . import __version__
-from .networks import INFERENCE, BetaVAE, Reconstructor, Restorer, rebuild_hemispheres
+from . import embedding, study_statistic
+from .difference_maps import DifferenceMaps, difference_maps
+from .healthy_reference import rebuild
+from .networks import INFERENCE, BetaVAE, Reconstructor, Restorer, default_device
 from .preprocess import SHAPE, Canonical
 from .result import Assessment, Finding
+from .slicing import Slices, slice_volume
+from .study_statistic import CONFIGURATIONS
 
-CONFIGURATIONS = ("mse", "symmetry", "vae", "combined")
-TOP_SLICES = 3
-TOP_VOXEL_FRACTION = 0.02
-MIN_BRAIN_FRACTION = 0.03  # slices with less brain than this are not scored
 MIN_FINDING_ML = 0.3
-VOXEL_STD_FLOOR = 0.25  # in units of the study's median raw map
-RAW_LEVEL_FLOOR = 1e-3
-
-
-@dataclass
-class Slices:
-    """Canonical axial slices that contain brain."""
-
-    image: np.ndarray  # (n, 96, 112) float32
-    mask: np.ndarray  # (n, 96, 112) bool
-    z: np.ndarray  # (n,) canonical slice index
-
-
-@dataclass
-class DifferenceMaps:
-    """Per-slice reconstructions and difference maps."""
-
-    reconstruction: np.ndarray  # mirror-informed reconstruction, (n, 96, 112)
-    residual: np.ndarray  # |x - reconstruction|
-    context_residual: np.ndarray  # |x - context-only reconstruction|
-    restoration_residual: np.ndarray  # |x - restored slice|
-    symmetry: np.ndarray  # |x - mirror(x)|
-    voxel_score: np.ndarray  # standardised voxel anomaly score (0 outside the brain)
-
-
-def slice_volume(canonical: Canonical) -> Slices:
-    """Axial slices of the canonical volume with at least MIN_BRAIN_FRACTION brain."""
-    fraction = canonical.mask.mean(axis=(0, 1))
-    z = np.flatnonzero(fraction >= MIN_BRAIN_FRACTION)
-    return Slices(
-        image=np.ascontiguousarray(canonical.image[:, :, z].transpose(2, 0, 1)),
-        mask=np.ascontiguousarray(canonical.mask[:, :, z].transpose(2, 0, 1)),
-        z=z,
-    )
-
-
-def raw_voxel_map(residual: np.ndarray, context_residual: np.ndarray, restoration_residual: np.ndarray,
-                  brain: np.ndarray) -> np.ndarray:
-    """Geometric mean of the three residuals, smoothed in-plane, relative to the study's own median.
-
-    Dividing by the median inside the brain makes the map a ratio to the study's typical
-    reconstruction error, so contrast, noise level and scanner (which set that level for every
-    voxel alike) cancel, and only local excess remains for the healthy statistics to judge.
-    """
-    raw = ndimage.gaussian_filter(np.cbrt(residual * context_residual * restoration_residual), sigma=(0, 1, 1)) * brain
-    level = float(np.median(raw[brain])) if brain.any() else 0.0
-    return (raw / max(level, RAW_LEVEL_FLOOR)).astype(np.float32)
 
 
 def half_precision_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,18 +36,8 @@ def half_precision_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
 
 
-def mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Row-wise Mahalanobis distance of ``x`` (n, d) to a distribution given by mean and precision."""
-    delta = x - mean
-    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", delta, precision, delta), 0))
-
-
 def _describe(inference: dict[str, str]) -> str:
     return f"{inference['masks']} masks with the {inference['mirror']} mirror, {inference['reference']} reference"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Detector:
@@ -180,74 +107,18 @@ class Detector:
         return str(self.metadata.get("version", __version__))
 
     # -- stages ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def reconstruct(self, slices: Slices, batch_size: int = 32) -> DifferenceMaps:
-        """Each hemisphere rebuilt while masked, with and without the mirror (of the other one), and
-        the slice restored from itself and its mirror-informed reconstruction."""
-        n = len(slices.image)
-        mirrored, context, restored = (np.zeros_like(slices.image) for _ in range(3))
-        for start in range(0, n, batch_size):
-            x = torch.from_numpy(slices.image[start:start + batch_size, None]).to(self.device)
-            brain = torch.from_numpy(slices.mask[start:start + batch_size, None]).to(x)
-            keep = torch.tensor([1.0] * len(x) + [0.0] * len(x), device=self.device)
-            both = rebuild_hemispheres(self.reconstructor, torch.cat([x, x]), keep) * torch.cat([brain, brain])
-            mirrored[start:start + len(x)] = both[: len(x), 0].cpu().numpy()
-            context[start:start + len(x)] = both[len(x):, 0].cpu().numpy()
-            restored[start:start + len(x)] = (self.restorer(x, both[: len(x)]) * brain)[:, 0].cpu().numpy()
-        x_np, brain = slices.image, slices.mask
-        residual, context_residual, restoration_residual = (np.abs(x_np - r) * brain for r in (mirrored, context, restored))
-        symmetry = np.abs(x_np - x_np[:, ::-1]) * brain
-        return DifferenceMaps(mirrored, residual, context_residual, restoration_residual, symmetry,
-                              self._voxel_score(residual, context_residual, restoration_residual, brain, slices.z))
+    def reconstruct(self, slices: Slices) -> DifferenceMaps:
+        """The healthy references of every slice and the difference maps to them."""
+        return difference_maps(slices, rebuild(self.reconstructor, self.restorer, slices), self.normative)
 
-    def _voxel_score(self, residual: np.ndarray, context_residual: np.ndarray, restoration_residual: np.ndarray,
-                     brain: np.ndarray, z: np.ndarray) -> np.ndarray:
-        raw = raw_voxel_map(residual, context_residual, restoration_residual, brain)
-        if "voxel_mean" not in self.normative:  # while training, before healthy statistics exist
-            return raw
-        mean = self.normative["voxel_mean"][:, :, z].transpose(2, 0, 1)
-        std = np.maximum(self.normative["voxel_std"][:, :, z].transpose(2, 0, 1), VOXEL_STD_FLOOR)
-        return (np.clip((raw - mean) / std, -5, 50) * brain).astype(np.float32)
-
-    @staticmethod
-    def vae_input(maps: DifferenceMaps) -> np.ndarray:
-        return np.stack([np.clip(maps.voxel_score, -5, 50) / 10.0, maps.symmetry], axis=1).astype(np.float32)
-
-    @torch.no_grad()
-    def embed(self, maps: DifferenceMaps, batch_size: int = 64) -> np.ndarray:
+    def embed(self, maps: DifferenceMaps) -> np.ndarray:
         """Posterior means of the Beta-VAE for each slice's difference maps, (n, latent)."""
-        x = torch.from_numpy(self.vae_input(maps))
-        out = [self.vae.encode(x[i:i + batch_size].to(self.device))[0].cpu() for i in range(0, len(x), batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.vae.mu.out_features), np.float32)
-
-    def slice_features(self, slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw (unstandardised) per-slice statistics."""
-        brain = slices.mask
-        count = np.maximum(brain.sum(axis=(1, 2)), 1)
-        flat = np.where(brain, maps.voxel_score, -np.inf).reshape(len(brain), -1)
-        k = np.maximum((count * TOP_VOXEL_FRACTION).astype(int), 10)
-        top = np.array([np.sort(row)[-kk:].mean() for row, kk in zip(flat, k)]) if len(flat) else np.zeros(0)
-        return {
-            "mse": (maps.residual**2).sum(axis=(1, 2)) / count,
-            "symmetry": (maps.symmetry**2).sum(axis=(1, 2)) / count,
-            "vae": mahalanobis(embeddings, self.normative["embedding_mean"], self.normative["embedding_precision"]),
-            "top": top,
-        }
+        return embedding.embed(self.vae, embedding.vae_input(maps))
 
     def slice_scores(self, slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray) -> dict[str, np.ndarray]:
         """Slice scores of every configuration, standardised per canonical slice position."""
-        features = self.slice_features(slices, maps, embeddings)
-        z = slices.z
-        standard = {name: (value - self.normative[f"{name}_mean"][z]) / self.normative[f"{name}_std"][z]
-                    for name, value in features.items()}
-        standard["combined"] = 0.5 * (standard["vae"] + standard["top"])
-        return {name: standard[name].astype(np.float32) for name in CONFIGURATIONS}
-
-    @staticmethod
-    def study_score(slice_scores: np.ndarray) -> float:
-        if len(slice_scores) == 0:
-            return float("nan")
-        return float(np.sort(slice_scores)[-TOP_SLICES:].mean())
+        features = study_statistic.slice_features(slices, maps, embeddings, self.normative)
+        return study_statistic.slice_scores(features, slices.z, self.normative)
 
     def calibration(self, configuration: str) -> dict:
         try:
@@ -262,7 +133,7 @@ class Detector:
             raise ValueError(f"unknown configuration {configuration!r}; choose from {CONFIGURATIONS}")
         calibration = self.calibration(configuration)
         scores = self.slice_scores(slices, maps, embeddings)[configuration]
-        study = self.study_score(scores)
+        study = study_statistic.study_score(scores)
         verdict = "abnormal" if study > calibration["threshold"] else "normal"
 
         voxel_canonical = np.zeros(SHAPE, np.float32)

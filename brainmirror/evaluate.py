@@ -27,7 +27,10 @@ from tqdm import tqdm
 
 from .anatomies import ANATOMIES, TRAINING_ANATOMIES
 from .baselines import RawVAEBaseline
-from .detector import CONFIGURATIONS, Detector, DifferenceMaps, Slices, slice_volume
+from .detector import Detector
+from .difference_maps import DifferenceMaps
+from .slicing import Slices, slice_volume
+from .study_statistic import CONFIGURATIONS, study_score
 from .preprocess import PreprocessingError, canonicalise
 from .training import cache_folder, threshold_at_fpr
 
@@ -162,7 +165,7 @@ def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np
                    "anomaly": maps.voxel_score[k], "truth": truth_slices[k]}
     return Case(
         name=name, label=label, kind=name.split("-")[0], meta=meta,
-        study={m: Detector.study_score(s) for m, s in scores.items()},
+        study={m: study_score(s) for m, s in scores.items()},
         slice_scores=scores, slice_labels=(truth_slices.sum(axis=(1, 2)) >= LESION_SLICE_VOXELS).astype(int),
         voxel_scores=voxel.astype(np.float32), voxel_truth=voxel_truth, example=example,
     )

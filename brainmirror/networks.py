@@ -18,6 +18,10 @@ MIRROR_AXIS = -2  # left-right axis of a (..., 96, 112) slice tensor
 INFERENCE = {"masks": "hemispheres", "mirror": "sealed", "reference": "restored"}
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def mirror(x: torch.Tensor) -> torch.Tensor:
     return x.flip(MIRROR_AXIS)
 

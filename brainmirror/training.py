@@ -20,25 +20,27 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
-from sklearn.covariance import LedoitWolf
 from tqdm import tqdm
 
 from . import __version__
 from .baselines import RawVAEBaseline
-from .detector import (
-    CONFIGURATIONS,
-    Detector,
-    DifferenceMaps,
-    Slices,
+from .detector import Detector, half_precision_weights
+from .difference_maps import voxel_statistics
+from .embedding import embedding_statistics, vae_input
+from .networks import (
+    INFERENCE,
+    BetaVAE,
+    Reconstructor,
+    Restorer,
+    beta_vae_loss,
     default_device,
-    half_precision_weights,
-    raw_voxel_map,
-    slice_volume,
+    rebuild_hemispheres,
+    training_mask,
 )
-from .networks import INFERENCE, BetaVAE, Reconstructor, Restorer, beta_vae_loss, rebuild_hemispheres, training_mask
+from .slicing import Slices, slice_volume
+from .study_statistic import CONFIGURATIONS, position_statistics, slice_features, study_score
 from . import anatomies, disorders, preprocess
-from .preprocess import SHAPE, canonicalise
+from .preprocess import canonicalise
 
 log = logging.getLogger(__name__)
 
@@ -262,34 +264,6 @@ def train_vae(maps: np.ndarray, config: TrainingConfig, checkpoint_dir: Path, de
 
 
 # -- normative statistics ------------------------------------------------------------------
-def voxel_statistics(studies: list[Slices], maps: list[DifferenceMaps]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-voxel mean and std of the raw anomaly map over healthy studies, spatially smoothed."""
-    total, total_sq, count = (np.zeros(SHAPE, np.float64) for _ in range(3))
-    for s, m in zip(studies, maps):
-        raw = raw_voxel_map(m.residual, m.context_residual, m.restoration_residual, s.mask).transpose(1, 2, 0)
-        brain = s.mask.transpose(1, 2, 0)
-        total[:, :, s.z] += raw * brain
-        total_sq[:, :, s.z] += raw**2 * brain
-        count[:, :, s.z] += brain
-    smooth = lambda v: ndimage.gaussian_filter(v, 2.0)  # noqa: E731
-    n = np.maximum(smooth(count), 1e-3)
-    mean = smooth(total) / n
-    std = np.sqrt(np.maximum(smooth(total_sq) / n - mean**2, 0))
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
-def position_statistics(values: list[np.ndarray], zs: list[np.ndarray], window: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of a slice statistic per canonical slice position, pooled over +-window."""
-    mean, std = np.zeros(SHAPE[2], np.float32), np.ones(SHAPE[2], np.float32)
-    v, z = np.concatenate(values), np.concatenate(zs)
-    for position in range(SHAPE[2]):
-        near = np.abs(z - position) <= window
-        if near.sum() >= 5:
-            mean[position] = v[near].mean()
-            std[position] = max(v[near].std(), 1e-6)
-    return mean, std
-
-
 def fit_voxel_statistics(detector: Detector, normative: list[Slices], progress: bool = True) -> None:
     """Per-voxel healthy mean and std of the raw anomaly map (needed before the VAE trains)."""
     maps = [detector.reconstruct(s) for s in tqdm(normative, desc="voxel statistics", disable=not progress)]
@@ -300,10 +274,8 @@ def fit_embedding_statistics(detector: Detector, normative: list[Slices], progre
     """Embedding mean and Ledoit-Wolf precision, and per-position slice statistics."""
     maps = [detector.reconstruct(s) for s in tqdm(normative, desc="normative statistics", disable=not progress)]
     embeddings = [detector.embed(m) for m in maps]
-    lw = LedoitWolf().fit(np.concatenate(embeddings))
-    detector.normative["embedding_mean"] = lw.location_.astype(np.float32)
-    detector.normative["embedding_precision"] = lw.precision_.astype(np.float32)
-    features = [detector.slice_features(s, m, e) for s, m, e in zip(normative, maps, embeddings)]
+    detector.normative.update(embedding_statistics(np.concatenate(embeddings)))
+    features = [slice_features(s, m, e, detector.normative) for s, m, e in zip(normative, maps, embeddings)]
     for name in features[0]:
         mean, std = position_statistics([f[name] for f in features], [s.z for s in normative])
         detector.normative[f"{name}_mean"], detector.normative[f"{name}_std"] = mean, std
@@ -331,7 +303,7 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
     vae = base.vae if base else BetaVAE(latent=config.latent, channels=config.vae_channels)
     detector = Detector(reconstructor, restorer, vae, dict(base.normative) if base else {}, {}, device)
     fit_voxel_statistics(detector, normative, progress)
-    fit_maps = np.concatenate([Detector.vae_input(detector.reconstruct(s))
+    fit_maps = np.concatenate([vae_input(detector.reconstruct(s))
                                for s in tqdm(fit, desc="difference maps", disable=not progress)])
     detector.vae = round_to_stored(train_vae(fit_maps, config, work / "checkpoints", device, detector.vae, progress)).eval()
     fit_embedding_statistics(detector, normative, progress)
@@ -407,7 +379,7 @@ def healthy_scores(detector: Detector, studies: list[Slices], progress: bool = T
         maps = detector.reconstruct(s)
         per_slice = detector.slice_scores(s, maps, detector.embed(maps))
         for c in CONFIGURATIONS:
-            scores[c].append(detector.study_score(per_slice[c]))
+            scores[c].append(study_score(per_slice[c]))
         voxels.append(maps.voxel_score[s.mask])
     return {c: np.array(v) for c, v in scores.items()}, np.concatenate(voxels)
 

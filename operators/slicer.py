@@ -6,7 +6,7 @@ import logging
 
 from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
-from brainmirror.detector import slice_volume
+from brainmirror.slicing import slice_volume
 from brainmirror.result import NotAssessed
 
 from .common import timed

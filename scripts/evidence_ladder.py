@@ -58,7 +58,9 @@ from tqdm import tqdm
 
 from brainmirror.anatomies import ANATOMIES, TRAINING_ANATOMIES
 from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
-from brainmirror.detector import CONFIGURATIONS, Detector, Slices, slice_volume
+from brainmirror.detector import Detector
+from brainmirror.slicing import Slices, slice_volume
+from brainmirror.study_statistic import CONFIGURATIONS, study_score
 from brainmirror.lesions import FOCAL_KINDS
 from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, normalise, resample
 
@@ -177,7 +179,7 @@ def main() -> None:
     for r in raw:
         figures = []
         for side in (0, 1):
-            stats = {f"study:{c}": Detector.study_score(r["scores"][side][c]) for c in CONFIGURATIONS}
+            stats = {f"study:{c}": study_score(r["scores"][side][c]) for c in CONFIGURATIONS}
             for m in MAPS:
                 for name, value in map_statistics(r["maps"][side][m], r["brain"], thresholds[m]).items():
                     stats[f"{m}:{name}"] = value

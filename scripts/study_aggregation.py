@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from brainmirror.anatomies import ANATOMIES
 from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
-from brainmirror.detector import CONFIGURATIONS, Detector, slice_volume
+from brainmirror.detector import Detector
+from brainmirror.slicing import slice_volume
+from brainmirror.study_statistic import CONFIGURATIONS, study_score
 from brainmirror.lesions import LESION_KINDS
 from brainmirror.preprocess import canonicalise
 
@@ -32,7 +34,7 @@ def aggregations(detector: Detector, image) -> dict[str, float]:
     maps = detector.reconstruct(slices)
     per_slice = detector.slice_scores(slices, maps, detector.embed(maps))
     voxels = np.sort(maps.voxel_score[slices.mask])
-    values = {f"top-3 slices {c}": detector.study_score(per_slice[c]) for c in CONFIGURATIONS}
+    values = {f"top-3 slices {c}": study_score(per_slice[c]) for c in CONFIGURATIONS}
     values |= {f"top {k} voxels": float(voxels[-k:].mean()) for k in (50, 200, 1000, 5000)}
     values |= {f"fraction > {t}": float((voxels > t).mean()) for t in (3, 5, 8)}
     return values

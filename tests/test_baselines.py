@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from brainmirror.baselines import DEFAULT_PATH, RawVAEBaseline
-from brainmirror.detector import Slices
+from brainmirror.slicing import Slices
 from brainmirror.networks import BetaVAE
 
 
@@ -53,7 +53,7 @@ def test_shipped_baseline_scores_a_study():
     Mahalanobis scores on VAE embeddings; the bundle trained on MNI alone happened to rank noise higher.
     """
     from brainmirror import preprocess
-    from brainmirror.detector import slice_volume
+    from brainmirror.slicing import slice_volume
 
     baseline = RawVAEBaseline.load(DEFAULT_PATH, torch.device("cpu"))
     image, mask = preprocess.template()

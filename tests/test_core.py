@@ -11,9 +11,12 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from brainmirror import preprocess
-from brainmirror.detector import Detector, raw_voxel_map, slice_volume
+from brainmirror.detector import Detector
+from brainmirror.difference_maps import raw_voxel_map
 from brainmirror.networks import Reconstructor, checkerboard, hemispheres, training_mask
-from brainmirror.training import position_statistics, threshold_at_fpr
+from brainmirror.slicing import slice_volume
+from brainmirror.study_statistic import position_statistics, slice_features
+from brainmirror.training import threshold_at_fpr
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
 requires_model = pytest.mark.skipif(not (MODEL_DIR / "brainmirror" / "configs" / "metadata.json").exists(),
@@ -166,7 +169,7 @@ def test_mahalanobis_matches_direct_numpy_computation():
     n = 5
     sub = type(slices)(slices.image[:n], slices.mask[:n], slices.z[:n])
     sub_maps = type(maps)(*(getattr(maps, f)[:n] for f in maps.__dataclass_fields__))
-    features = detector.slice_features(sub, sub_maps, embeddings)
+    features = slice_features(sub, sub_maps, embeddings, detector.normative)
     np.testing.assert_allclose(features["vae"], expected, rtol=1e-3)
 
 

@@ -22,7 +22,8 @@ import nibabel as nib
 import numpy as np
 
 from brainmirror.data import iter_studies
-from brainmirror.detector import Detector, Slices, slice_volume
+from brainmirror.detector import Detector
+from brainmirror.slicing import Slices, slice_volume
 from brainmirror.preprocess import PREPROCESSING_VERSION, Canonical, canonicalise
 from brainmirror.result import Assessment
 from brainmirror.training import calibrate
