@@ -132,6 +132,7 @@ def make_subject(
         inserted = insert_lesion(image, tissue, contrast, lesion_kind, rng)
         image, lesion = inserted.image, inserted.mask
         meta.update(lesion_volume_ml=inserted.volume_ml, lesion_diameter_mm=inserted.max_diameter_mm,
+                    lesion_contrast_ratio=inserted.contrast_ratio, lesion_stratum=inserted.stratum,
                     lesion_components=inserted.n_components)
     bias = np.exp(_smooth_field(image.shape, rng, control=4, scale=rng.uniform(0.05, 0.2))).astype(np.float32)
 

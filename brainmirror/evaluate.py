@@ -31,6 +31,7 @@ from .detector import Detector
 from .difference_maps import DifferenceMaps
 from .slicing import Slices, slice_volume
 from .study_statistic import CONFIGURATIONS, study_score
+from .lesions import SUBTLE_CONTRAST_RATIO
 from .preprocess import PreprocessingError, canonicalise
 from .training import cache_folder, threshold_at_fpr
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 SIZE_BINS_MM = (0, 10, 20, 40, 1000)
 LESION_SLICE_VOXELS = 5  # canonical slices with at least this many lesion voxels count as lesion slices
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per study for thresholds / AUPRC (seeded subsample)
+STRATUM_NOTE = (f"\n*subtle*: the lesion's mean change inside its mask is below {SUBTLE_CONTRAST_RATIO:g} x the image's "
+                "GM/WM contrast (on FLAIR, a lesion less than about 18 % brighter than the white matter it replaces, "
+                "where published hyperacute infarcts lie); *typical*: at or above (`brainmirror/lesions.py`).\n")
+CASE_CACHE_VERSION = 2  # bump when what a cached case holds changes (2: lesion contrast ratio and stratum)
 
 
 @dataclass
@@ -122,7 +127,7 @@ def is_baseline(method: str) -> bool:
 
 def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarray, dict] | None:
     """Canonical slices, canonical lesion truth per slice and metadata of one case (cached per preprocessing version)."""
-    path = cache_folder(cache) / f"{name}.npz" if cache else None
+    path = cache_folder(cache) / f"cases-v{CASE_CACHE_VERSION}" / f"{name}.npz" if cache else None
     if path is not None and path.exists():
         with np.load(path) as data:
             return (Slices(data["image"], data["mask"], data["z"]), data["truth"],
@@ -355,8 +360,11 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict,
         for c, d in zip(lesions, per_subject):
             c.meta["dice"] = d
     # breakdowns (study-level sensitivity at the calibrated threshold, voxel Dice)
-    groups: dict[str, dict[str, list[Case]]] = {"kind": {}, "size": {}, "contrast": {}, "voxel_size": {}, "noise": {}}
+    groups: dict[str, dict[str, list[Case]]] = {"kind": {}, "size": {}, "contrast": {}, "stratum": {}, "voxel_size": {},
+                                                "noise": {}}
     for c in lesions:
+        if "lesion_stratum" in c.meta:  # synthetic lesions: subtle or typical (``lesions.stratum``)
+            groups["stratum"].setdefault(c.meta["lesion_stratum"], []).append(c)
         groups["kind"].setdefault(c.kind, []).append(c)
         groups["size"].setdefault(size_bin(c.meta.get("lesion_diameter_mm")), []).append(c)
         groups["contrast"].setdefault(c.meta.get("contrast", "unknown"), []).append(c)
@@ -374,6 +382,7 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict,
                                        if healthy else float("nan") for m in methods}}
             for key, group in sorted(members.items())
         }
+    metrics["breakdown"] = {axis: figures for axis, figures in metrics["breakdown"].items() if figures}
     return metrics
 
 
@@ -497,7 +506,8 @@ def summary_markdown(metrics: dict, description: str) -> str:
                   f"(sd {fmt(v['dice_std'])}); oracle-threshold Dice (secondary, optimistic) {fmt(v['oracle_dice_mean'])}; "
                   f"observed healthy voxel FPR {fmt(v['healthy_voxel_fpr_observed'])}.\n"]
     for axis, groups in metrics["breakdown"].items():
-        lines += [f"\n## By {axis.replace('_', ' ')}\n", "| group | n | sensitivity (combined) | AUROC vs healthy (combined) | best baseline AUROC | Dice |", "|---|---|---|---|---|---|"]
+        note = STRATUM_NOTE if axis == "stratum" else ""
+        lines += [f"\n## By {axis.replace('_', ' ')}\n{note}", "| group | n | sensitivity (combined) | AUROC vs healthy (combined) | best baseline AUROC | Dice |", "|---|---|---|---|---|---|"]
         for key, g in groups.items():
             best = max(v for m, v in g["auroc_vs_healthy"].items() if is_baseline(m))
             lines.append(f"| {key} | {g['n']} | {fmt(g['sensitivity']['combined'])} | {fmt(g['auroc_vs_healthy']['combined'])} | {fmt(best)} | {fmt(g['dice_mean'])} |")

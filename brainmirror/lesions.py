@@ -48,8 +48,14 @@ Against published values (checked, nothing tuned to them; a miss is to be read b
   1.18 identifies stroke within 6 h of onset (Legge et al., J Stroke Cerebrovasc Dis
   2017;26(7):1582-1587, doi:10.1016/j.jstrokecerebrovasdis.2017.02.030). The suite has none of
   those, so its stroke figures do not speak for hyperacute stroke.
-* ``small`` (0.10-0.25 of the GM/WM contrast) is the subtle stratum by construction, subtler
-  than any published lesion ratio found.
+* ``small`` (0.10-0.25 of the GM/WM contrast) is subtle by construction, subtler than any
+  published lesion ratio found.
+* Strata: every lesion records its ``contrast_ratio`` (mean change inside its mask in units of
+  ``c``). Below ``SUBTLE_CONTRAST_RATIO`` it is *subtle*, otherwise *typical*. The boundary is
+  Legge et al.'s FLAIR signal-intensity ratio of 1.18 (a lesion 18 % brighter than the healthy
+  tissue it replaces, the hyperacute limit above) on white matter, in units of the cohort's FLAIR
+  GM/WM contrast: 0.18 / 0.35 = 0.51 c. The evaluation reports its figures by stratum, so a miss
+  is attributed to a lesion being subtle rather than to the detector alone.
 * No offline source gave quantitative lesion-to-white-matter ratios for metastases, MS plaques,
   haemorrhage or peritumoural oedema; those kinds are not checked.
 """
@@ -69,6 +75,8 @@ FOCAL_KINDS = tuple(k for k in LESION_KINDS if k != "atrophy")
 CONTRASTS = ("t1", "t2", "flair", "pd")
 
 MASK_TOLERANCE_FRACTION = 0.05
+SUBTLE_CONTRAST_RATIO = 0.5
+"""Lesions whose mean change inside the mask is below this many ``c`` are the subtle stratum."""
 """The mask holds the voxels changed by more than this fraction of |mean GM - mean WM|."""
 
 SIZE_RANGE_MM = {
@@ -97,6 +105,16 @@ class Lesion:
     max_diameter_mm: float  # Feret diameter of the largest connected component
     n_components: int  # 26-connected components of ``mask``
     tolerance: float = 0.0  # intensity change defining the mask (5 % of |GM - WM|)
+    contrast_ratio: float = 0.0  # mean |change| inside the mask, in units of c = |GM - WM|
+
+    @property
+    def stratum(self) -> str:
+        return stratum(self.contrast_ratio)
+
+
+def stratum(contrast_ratio: float) -> str:
+    """``subtle`` below ``SUBTLE_CONTRAST_RATIO`` (in units of the GM/WM contrast), else ``typical``."""
+    return "subtle" if contrast_ratio < SUBTLE_CONTRAST_RATIO else "typical"
 
 
 @dataclass(frozen=True)
@@ -789,4 +807,5 @@ def insert_lesion(
         max_diameter_mm=diam,
         n_components=n,
         tolerance=float(tol),
+        contrast_ratio=float(diff[mask].mean() / ctx.c),
     )

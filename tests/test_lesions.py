@@ -14,6 +14,7 @@ from brainmirror.lesions import (
     LESION_KINDS,
     MASK_TOLERANCE_FRACTION,
     SIZE_RANGE_MM,
+    SUBTLE_CONTRAST_RATIO,
     Lesion,
     insert_lesion,
     tissue_stats,
@@ -130,6 +131,10 @@ def test_lesion_contract(kind, contrast):
     if kind in FOCAL_KINDS:
         lo, hi = SIZE_RANGE_MM[kind]
         assert 0.7 * lo - 1.0 <= les.max_diameter_mm <= 1.15 * hi + 2.0, les.max_diameter_mm
+    # contrast ratio: mean change inside the mask in units of the GM/WM contrast
+    st = tissue_stats(img, TISSUE)
+    assert les.contrast_ratio == pytest.approx(diff[les.mask].mean() / st.contrast, rel=1e-6)
+    assert les.stratum == ("subtle" if les.contrast_ratio < SUBTLE_CONTRAST_RATIO else "typical")
 
 
 @pytest.mark.parametrize("contrast", CONTRASTS)
@@ -185,6 +190,7 @@ def test_small_lesion_is_low_contrast(contrast):
     change = (les.image.astype(np.float64) - IMAGES[contrast])[les.mask]
     assert les.n_components == 1
     assert np.percentile(np.abs(change), 99) < 0.4 * st.contrast
+    assert les.stratum == "subtle"
     sign = -1 if contrast == "t1" else 1
     assert sign * np.median(change) > 0
 
