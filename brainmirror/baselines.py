@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .embedding import embed, embedding_statistics, mahalanobis
+from .embedding import embed, embedding_distance, embedding_statistics
 from .networks import BetaVAE, default_device
 from .slicing import Slices
-from .study_statistic import position_statistics
+from .study_statistic import position_statistics, standardise
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "models" / "baselines" / "raw-vae"
 
@@ -38,17 +38,17 @@ class RawVAEBaseline:
         return embed(self.vae, slices.image[:, None])
 
     def distances(self, slices: Slices) -> np.ndarray:
-        return mahalanobis(self.embed(slices), self.normative["embedding_mean"], self.normative["embedding_precision"])
+        return embedding_distance(self.embed(slices), self.normative)
 
     def slice_scores(self, slices: Slices) -> np.ndarray:
-        z = slices.z
-        return ((self.distances(slices) - self.normative["score_mean"][z]) / self.normative["score_std"][z]).astype(np.float32)
+        return standardise(self.distances(slices), slices.z, self.normative["score_mean"],
+                           self.normative["score_std"]).astype(np.float32)
 
     def fit_statistics(self, normative: list[Slices]) -> None:
         """Embedding mean, Ledoit-Wolf precision and per-position score statistics on healthy studies."""
         embeddings = [self.embed(s) for s in normative]
         self.normative = embedding_statistics(np.concatenate(embeddings))
-        distances = [mahalanobis(e, self.normative["embedding_mean"], self.normative["embedding_precision"]) for e in embeddings]
+        distances = [embedding_distance(e, self.normative) for e in embeddings]
         self.normative["score_mean"], self.normative["score_std"] = position_statistics(distances, [s.z for s in normative])
 
     def save(self, path: Path | str) -> None:

@@ -25,8 +25,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .detector import Detector
-from .slicing import slice_volume
 from .networks import SLICE_SHAPE, hemispheres
+from .slicing import slice_volume
 
 REPO = Path(__file__).resolve().parents[1]
 

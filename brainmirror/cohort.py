@@ -131,6 +131,7 @@ def make_subject(
 
         inserted = insert_lesion(image, tissue, contrast, lesion_kind, rng)
         image, lesion = inserted.image, inserted.mask
+        # what the evaluation caches per case: bump evaluate.CASE_CACHE_VERSION when this changes
         meta.update(lesion_volume_ml=inserted.volume_ml, lesion_diameter_mm=inserted.max_diameter_mm,
                     lesion_contrast_ratio=inserted.contrast_ratio, lesion_stratum=inserted.stratum,
                     lesion_components=inserted.n_components)

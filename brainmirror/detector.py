@@ -108,7 +108,8 @@ class Detector:
 
     # -- stages ----------------------------------------------------------------------------
     def reconstruct(self, slices: Slices) -> DifferenceMaps:
-        """The healthy references of every slice and the difference maps to them."""
+        """Two stages in one: the healthy references of every slice (``healthy_reference``) and the
+        difference maps to them (``difference_maps``)."""
         return difference_maps(slices, rebuild(self.reconstructor, self.restorer, slices), self.normative)
 
     def embed(self, maps: DifferenceMaps) -> np.ndarray:

@@ -26,7 +26,7 @@ RAW_LEVEL_FLOOR = 1e-3
 
 @dataclass
 class DifferenceMaps:
-    """Per-slice reconstructions and difference maps."""
+    """The mirror-informed reconstruction and the difference maps of a study's slices."""
 
     reconstruction: np.ndarray  # mirror-informed reconstruction, (n, 96, 112)
     residual: np.ndarray  # |x - reconstruction|

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 
 from .difference_maps import DifferenceMaps
 from .networks import BetaVAE
@@ -35,7 +34,14 @@ def mahalanobis(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.nd
     return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", delta, precision, delta), 0))
 
 
+def embedding_distance(embeddings: np.ndarray, normative: dict[str, np.ndarray]) -> np.ndarray:
+    """Mahalanobis distance of each embedding to the healthy ones (``embedding_statistics``)."""
+    return mahalanobis(embeddings, normative["embedding_mean"], normative["embedding_precision"])
+
+
 def embedding_statistics(embeddings: np.ndarray) -> dict[str, np.ndarray]:
     """Mean and Ledoit-Wolf precision of healthy embeddings (n, latent)."""
+    from sklearn.covariance import LedoitWolf  # training only
+
     lw = LedoitWolf().fit(embeddings)
     return {"embedding_mean": lw.location_.astype(np.float32), "embedding_precision": lw.precision_.astype(np.float32)}

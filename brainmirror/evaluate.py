@@ -29,19 +29,20 @@ from .anatomies import ANATOMIES, TRAINING_ANATOMIES
 from .baselines import RawVAEBaseline
 from .detector import Detector
 from .difference_maps import DifferenceMaps
-from .slicing import Slices, slice_volume
-from .study_statistic import CONFIGURATIONS, study_score
 from .lesions import SUBTLE_CONTRAST_RATIO
 from .preprocess import PreprocessingError, canonicalise
+from .slicing import Slices, slice_volume
+from .study_statistic import CONFIGURATIONS, study_score
 from .training import cache_folder, threshold_at_fpr
 
 log = logging.getLogger(__name__)
 SIZE_BINS_MM = (0, 10, 20, 40, 1000)
 LESION_SLICE_VOXELS = 5  # canonical slices with at least this many lesion voxels count as lesion slices
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per study for thresholds / AUPRC (seeded subsample)
-STRATUM_NOTE = (f"\n*subtle*: the lesion's mean change inside its mask is below {SUBTLE_CONTRAST_RATIO:g} x the image's "
-                "GM/WM contrast (on FLAIR, a lesion less than about 18 % brighter than the white matter it replaces, "
-                "where published hyperacute infarcts lie); *typical*: at or above (`brainmirror/lesions.py`).\n")
+STRATUM_NOTE = (f"\n*subtle*: the lesion's mean absolute change inside its mask is below {SUBTLE_CONTRAST_RATIO:g} x "
+                "the image's GM/WM contrast (on FLAIR, a white-matter lesion less than about 18 % brighter than the "
+                "tissue it replaces, where published hyperacute infarcts lie); *typical*: at or above "
+                "(`brainmirror/lesions.py` states the assumptions).\n")
 CASE_CACHE_VERSION = 2  # bump when what a cached case holds changes (2: lesion contrast ratio and stratum)
 
 
@@ -382,7 +383,8 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict,
                                        if healthy else float("nan") for m in methods}}
             for key, group in sorted(members.items())
         }
-    metrics["breakdown"] = {axis: figures for axis, figures in metrics["breakdown"].items() if figures}
+    if not metrics["breakdown"]["stratum"]:  # lesions without a recorded stratum (site data)
+        del metrics["breakdown"]["stratum"]
     return metrics
 
 

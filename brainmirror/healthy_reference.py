@@ -29,7 +29,7 @@ class HealthyReference:
 
 @torch.no_grad()
 def rebuild(reconstructor: Reconstructor, restorer: Restorer, slices: Slices, batch_size: int = 32) -> HealthyReference:
-    """The healthy references of every slice (on the networks' device, in batches)."""
+    """The healthy references of every slice, in batches on the device of the networks (both on one)."""
     device = next(reconstructor.parameters()).device
     mirrored, context, restored = (np.zeros_like(slices.image) for _ in range(3))
     for start in range(0, len(slices.image), batch_size):

@@ -50,12 +50,15 @@ Against published values (checked, nothing tuned to them; a miss is to be read b
   those, so its stroke figures do not speak for hyperacute stroke.
 * ``small`` (0.10-0.25 of the GM/WM contrast) is subtle by construction, subtler than any
   published lesion ratio found.
-* Strata: every lesion records its ``contrast_ratio`` (mean change inside its mask in units of
-  ``c``). Below ``SUBTLE_CONTRAST_RATIO`` it is *subtle*, otherwise *typical*. The boundary is
-  Legge et al.'s FLAIR signal-intensity ratio of 1.18 (a lesion 18 % brighter than the healthy
-  tissue it replaces, the hyperacute limit above) on white matter, in units of the cohort's FLAIR
-  GM/WM contrast: 0.18 / 0.35 = 0.51 c. The evaluation reports its figures by stratum, so a miss
-  is attributed to a lesion being subtle rather than to the detector alone.
+* Strata: every lesion records its ``contrast_ratio`` (mean absolute change inside its mask in
+  units of ``c``). Below ``SUBTLE_CONTRAST_RATIO`` it is *subtle*, otherwise *typical*. The
+  boundary is Legge et al.'s FLAIR signal-intensity ratio of 1.18 (the hyperacute limit above)
+  for a lesion in white matter, in units of the cohort's FLAIR GM/WM contrast: 0.18 / 0.35 =
+  0.51 c. Two assumptions, stated: the tissue replaced is white matter (in grey matter the same
+  ratio is about 0.7 c), and the FLAIR anchor carries over to T1, T2 and PD in units of each
+  image's own GM/WM contrast. Lesions with darker and brighter parts (haemorrhage, a T1 tumour
+  with its rim) count both parts. The evaluation reports its figures by stratum, so a miss can be
+  attributed to a lesion being subtle rather than to the detector alone.
 * No offline source gave quantitative lesion-to-white-matter ratios for metastases, MS plaques,
   haemorrhage or peritumoural oedema; those kinds are not checked.
 """
@@ -75,9 +78,9 @@ FOCAL_KINDS = tuple(k for k in LESION_KINDS if k != "atrophy")
 CONTRASTS = ("t1", "t2", "flair", "pd")
 
 MASK_TOLERANCE_FRACTION = 0.05
-SUBTLE_CONTRAST_RATIO = 0.5
-"""Lesions whose mean change inside the mask is below this many ``c`` are the subtle stratum."""
 """The mask holds the voxels changed by more than this fraction of |mean GM - mean WM|."""
+SUBTLE_CONTRAST_RATIO = 0.5
+"""Lesions whose mean absolute change inside the mask is below this many ``c`` are the subtle stratum."""
 
 SIZE_RANGE_MM = {
     "tumour": (25.0, 60.0),  # whole lesion incl. oedema
@@ -109,10 +112,10 @@ class Lesion:
 
     @property
     def stratum(self) -> str:
-        return stratum(self.contrast_ratio)
+        return stratum_of(self.contrast_ratio)
 
 
-def stratum(contrast_ratio: float) -> str:
+def stratum_of(contrast_ratio: float) -> str:
     """``subtle`` below ``SUBTLE_CONTRAST_RATIO`` (in units of the GM/WM contrast), else ``typical``."""
     return "subtle" if contrast_ratio < SUBTLE_CONTRAST_RATIO else "typical"
 

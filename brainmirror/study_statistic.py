@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .difference_maps import DifferenceMaps
-from .embedding import mahalanobis
+from .embedding import embedding_distance
 from .preprocess import SHAPE
 from .slicing import Slices
 
@@ -39,17 +39,22 @@ def slice_features(slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray,
     return {
         "mse": (maps.residual**2).sum(axis=(1, 2)) / count,
         "symmetry": (maps.symmetry**2).sum(axis=(1, 2)) / count,
-        "vae": mahalanobis(embeddings, normative["embedding_mean"], normative["embedding_precision"]),
+        "vae": embedding_distance(embeddings, normative),
         "top": top,
     }
 
 
 def slice_scores(features: dict[str, np.ndarray], z: np.ndarray, normative: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Slice scores of every configuration, each feature standardised at its canonical slice position."""
-    standard = {name: (value - normative[f"{name}_mean"][z]) / normative[f"{name}_std"][z]
+    standard = {name: standardise(value, z, normative[f"{name}_mean"], normative[f"{name}_std"])
                 for name, value in features.items()}
     standard["combined"] = 0.5 * (standard["vae"] + standard["top"])
     return {name: standard[name].astype(np.float32) for name in CONFIGURATIONS}
+
+
+def standardise(values: np.ndarray, z: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Slice statistics as z-scores against their healthy mean and std at each slice's position z."""
+    return (values - mean[z]) / std[z]
 
 
 def study_score(slice_scores: np.ndarray) -> float:

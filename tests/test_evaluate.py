@@ -140,6 +140,10 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
     assert metrics["study"]["combined"]["n"] == 4 and metrics["study"]["combined"]["n_positive"] == 2
     assert 0.0 <= metrics["voxel"]["auprc"] <= 1.0
     assert set(metrics["breakdown"]["kind"]) == {"tumour", "small"}
+    # small lesions are subtle by construction; each lesion is in exactly one stratum
+    assert "subtle" in metrics["breakdown"]["stratum"]
+    assert sum(g["n"] for g in metrics["breakdown"]["stratum"].values()) == 2
+    assert "## By stratum" in (report / "summary.md").read_text()
     assert "auroc_within_study" in metrics["slice"]["combined"]
     # 2 healthy (mni, colin: seen), tumour on pycortex (seen), small on robex (held out)
     split = metrics["anatomy"]["split"]
@@ -150,7 +154,7 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
     assert "SYNTHETIC" in (report / "summary.md").read_text()
 
 
-def test_preprocessing_cache_is_reused_only_for_the_same_preprocessing_and_anatomy_versions(tmp_path, monkeypatch):
+def test_case_cache_is_reused_only_for_the_same_preprocessing_anatomy_and_case_versions(tmp_path, monkeypatch):
     from brainmirror import evaluate
     from brainmirror.cohort import make_subject, subject_rng
 
@@ -172,3 +176,6 @@ def test_preprocessing_cache_is_reused_only_for_the_same_preprocessing_and_anato
     monkeypatch.setattr(anatomies, "PREPARATION_VERSION", anatomies.PREPARATION_VERSION + 1)
     evaluate.prepare_case("case", load, tmp_path)
     assert len(loads) == 3, "a cache of studies made from other prepared anatomies was reused"
+    monkeypatch.setattr(evaluate, "CASE_CACHE_VERSION", evaluate.CASE_CACHE_VERSION + 1)
+    evaluate.prepare_case("case", load, tmp_path)
+    assert len(loads) == 4, "a cache of cases that hold other figures was reused"
