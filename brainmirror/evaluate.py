@@ -127,7 +127,8 @@ def is_baseline(method: str) -> bool:
 
 
 def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarray, dict] | None:
-    """Canonical slices, canonical lesion truth per slice and metadata of one case (cached per preprocessing version)."""
+    """Canonical slices, canonical lesion truth per slice and metadata of one case (cached per preprocessing,
+    anatomy and case version)."""
     path = cache_folder(cache) / f"cases-v{CASE_CACHE_VERSION}" / f"{name}.npz" if cache else None
     if path is not None and path.exists():
         with np.load(path) as data:
@@ -364,7 +365,7 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict,
     groups: dict[str, dict[str, list[Case]]] = {"kind": {}, "size": {}, "contrast": {}, "stratum": {}, "voxel_size": {},
                                                 "noise": {}}
     for c in lesions:
-        if "lesion_stratum" in c.meta:  # synthetic lesions: subtle or typical (``lesions.stratum``)
+        if "lesion_stratum" in c.meta:  # synthetic lesions: subtle or typical (``lesions.stratum_of``)
             groups["stratum"].setdefault(c.meta["lesion_stratum"], []).append(c)
         groups["kind"].setdefault(c.kind, []).append(c)
         groups["size"].setdefault(size_bin(c.meta.get("lesion_diameter_mm")), []).append(c)
