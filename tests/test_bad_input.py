@@ -272,7 +272,7 @@ class Case:
     name: str
     build: Callable[[Demo, Path, str], None]  # (demo, folder, study instance UID) -> files in folder
     code: str | None  # None: assessed; else the reason code of the "not assessed" SR
-    reason: str = ""  # a phrase the reason must contain
+    reason: str = ""  # a pattern (regular expression) the reason must contain
 
 
 def _multi_series(demo: Demo, folder: Path, study: str) -> None:
@@ -426,7 +426,7 @@ NOT_ASSESSED_CASES = [
     Case("localizers-only", _localizers_only, "no-suitable-series"),
     Case("single-slice", _single_slice, "preprocessing-failed", "at least 8 slices"),
     Case("all-zeros", _all_zeros, "preprocessing-failed", "constant"),
-    Case("no-brain-in-view", _no_brain_in_view, "partial-coverage", "covers 4 % of a typical brain"),
+    Case("no-brain-in-view", _no_brain_in_view, "partial-coverage", r"covers [1-9] % of a typical brain"),
     Case("no-positions", _no_positions, "invalid-series", "cannot form a volume"),
     Case("irregular-spacing", _irregular_spacing, "invalid-series", "cannot form a volume"),
 ]
@@ -840,7 +840,7 @@ def test_batch_study_outcome(case: Case, batch: Batch) -> None:
         assert list(outputs) == ["SR"] and len(outputs["SR"]) == 1
         sr = pydicom.dcmread(outputs["SR"][0])
         assert sr_finding(sr) == NOT_ASSESSED
-        assert sr_texts(sr)["Reason code"] == case.code and case.reason in sr_texts(sr)["Reason not assessed"]
+        assert sr_texts(sr)["Reason code"] == case.code and re.search(case.reason, sr_texts(sr)["Reason not assessed"])
 
 
 @pytest.mark.slow
