@@ -40,7 +40,11 @@ Voxel level, per map, over the focal lesion studies: ``AUPRC`` (all their brain 
 ``Dice`` (mean per study) at the map's healthy 99th percentile over every twin's brain (a 1 %
 voxel false-positive rate on healthy twins, as the evaluation protocol sets its voxel threshold).
 
+Several ``--model`` bundles are laddered on the same pairs, one after the other (the pairs are
+made once):
+
     .venv/bin/python scripts/evidence_ladder.py --pairs 3 --output work/ladder.json
+    .venv/bin/python scripts/evidence_ladder.py --model models/brainmirror work/candidate
 """
 
 from __future__ import annotations
@@ -144,34 +148,37 @@ def anatomy_offset(pairs: list[dict], key: str, seen: tuple[str, ...]) -> tuple[
     return offset, float(np.mean(np.array(unseen_values) > threshold))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("models/brainmirror"), help="model bundle")
-    parser.add_argument("--pairs", type=int, default=3, help="pairs per focal lesion kind (default 3)")
-    parser.add_argument("--anatomies", default=",".join(ANATOMIES), help="comma-separated (default: all)")
-    parser.add_argument("--output", type=Path, default=None, help="write every pair's figures as JSON")
-    args = parser.parse_args()
-
-    detector = Detector.load(args.model)
-    seen = detector.anatomies() or TRAINING_ANATOMIES
-    anatomies = args.anatomies.split(",")
+def make_pairs(count: int, anatomies: list[str]) -> list[dict]:
+    """The development-stream lesion studies and their twins on canonical slices (model-independent)."""
     cells = [(a, c) for c in CONTRASTS for a in anatomies]
     plan = [(kind, cells[(j * len(FOCAL_KINDS) + k) % len(cells)])
-            for j in range(args.pairs) for k, kind in enumerate(FOCAL_KINDS)]
-    raw = []
+            for j in range(count) for k, kind in enumerate(FOCAL_KINDS)]
+    pairs = []
     for index, (kind, (anatomy, contrast)) in enumerate(tqdm(plan, desc="pairs", unit="pair"), start=FIRST_INDEX):
         subject = make_subject(anatomy, subject_rng("development", index), contrast, kind, twin=True)
         slices, twin_slices, truth = canonical_pair(subject)
+        pairs.append({"kind": kind, "anatomy": anatomy, "contrast": contrast, "slices": (slices, twin_slices),
+                      "truth": truth, "diameter_mm": subject.meta["lesion_diameter_mm"],
+                      "volume_ml": subject.meta["lesion_volume_ml"]})
+    return pairs
+
+
+def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
+    """Print the ladder of one model bundle on the pairs; return its figures."""
+    detector = Detector.load(model)
+    seen = detector.anatomies() or TRAINING_ANATOMIES
+    raw = []
+    for made_pair in tqdm(made, desc=f"maps {model}", unit="pair"):
+        (slices, twin_slices), truth = made_pair["slices"], made_pair["truth"]
         lesion_maps, lesion_scores = study_maps(detector, slices)
         twin_maps, twin_scores = study_maps(detector, twin_slices)
         contrast_in_lesion = float(np.abs(slices.image - twin_slices.image)[truth].mean()) if truth.any() else 0.0
         recovered = {m: float((lesion_maps[m] - twin_maps[m])[truth].mean()) / max(contrast_in_lesion, 1e-6)
                      for m in INTENSITY_MAPS} if truth.any() else {}
-        raw.append({"kind": kind, "anatomy": anatomy, "contrast": contrast, "brain": slices.mask,
-                    "diameter_mm": subject.meta["lesion_diameter_mm"], "volume_ml": subject.meta["lesion_volume_ml"],
-                    "lesion_contrast": contrast_in_lesion, "recovered": recovered,
-                    "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
-                    "lesion_slices": truth.any(axis=(1, 2)), "truth": truth})
+        raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "truth")}
+                   | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered,
+                      "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
+                      "lesion_slices": truth.any(axis=(1, 2))})
 
     # healthy 99th percentile of each map over every twin's brain: the threshold of "mass"
     thresholds = {m: float(np.percentile(np.concatenate([r["maps"][1][m][r["brain"]] for r in raw]), 99)) for m in MAPS}
@@ -202,7 +209,7 @@ def main() -> None:
                     "dice_by_kind": {k: float(np.mean([d for d, r in zip(dice, focal_raw) if r["kind"] == k]))
                                      for k in FOCAL_KINDS if any(r["kind"] == k for r in focal_raw)}}
     keys = list(pairs[0]["lesion"])
-    print(f"\n{len(pairs)} pairs ({len(focal)} focal >= {FOCAL_MIN_MM:g} mm), model {args.model}, "
+    print(f"\n{len(pairs)} pairs ({len(focal)} focal >= {FOCAL_MIN_MM:g} mm), model {model}, "
           f"anatomies {', '.join(anatomies)} (seen: {', '.join(seen)}); SYNTHETIC development stream")
     print(f"oracle (twin as reconstruction): lesion contrast inside the lesion, median "
           f"{np.median([p['lesion_contrast'] for p in focal]):.3f} (canonical intensity units)")
@@ -232,10 +239,25 @@ def main() -> None:
     print(f"{'map':10s} {'AUPRC':>6s} {'Dice':>6s}   " + " ".join(f"{k[:6]:>6s}" for k in voxel[MAPS[0]]["dice_by_kind"]))
     for m, v in voxel.items():
         print(f"{m:10s} {v['auprc']:6.3f} {v['dice']:6.3f}   " + " ".join(f"{d:6.3f}" for d in v["dice_by_kind"].values()))
+    return {"model": str(model), "pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, nargs="+", default=[Path("models/brainmirror")],
+                        help="model bundle(s), each laddered on the same pairs (default: the shipped one)")
+    parser.add_argument("--pairs", type=int, default=3, help="pairs per focal lesion kind (default 3)")
+    parser.add_argument("--anatomies", default=",".join(ANATOMIES), help="comma-separated (default: all)")
+    parser.add_argument("--output", type=Path, default=None, help="write every pair's figures as JSON")
+    args = parser.parse_args()
+
+    anatomies = args.anatomies.split(",")
+    made = make_pairs(args.pairs, anatomies)
+    results = [ladder(model, made, anatomies) for model in args.model]
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds,
-                                           "model": str(args.model)}, indent=1, default=float) + "\n")
+        args.output.write_text(json.dumps(results[0] if len(results) == 1 else {"models": results},
+                                          indent=1, default=float) + "\n")
         print(f"written to {args.output}")
 
 
