@@ -10,6 +10,7 @@ train and run on two CPU cores; anomaly maps are resampled back to the input's n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -23,7 +24,7 @@ from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
-PREPROCESSING_VERSION = 2
+PREPROCESSING_VERSION = 3  # 3: single-threaded registration (bit-identical poses)
 """Bump whenever ``canonicalise`` changes its output: preprocessing caches are kept per version."""
 SPACING_MM = 2.0
 SHAPE = (96, 112, 80)
@@ -121,13 +122,26 @@ def to_sitk(array: np.ndarray, affine_ras: np.ndarray) -> sitk.Image:
     return image
 
 
+@contextlib.contextmanager
+def _single_threaded_itk():
+    """ITK's default thread count set to one for the block, then restored (the registration's
+    metric follows the process default, not a per-object setting)."""
+    default = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default)
+
+
 def register_rigid(moving: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
     """Rigidly register a (brain-masked) volume to the symmetric template.
 
     Returns the 4x4 transform from canonical RAS mm to the moving volume's RAS mm.
     Mutual information, so any MR contrast registers to the T1 template. Every template brain
-    voxel is sampled (no random subset), so the pose is deterministic: a study and its copy with
-    a lesion land on the same grid, and scores do not move with a sampling seed.
+    voxel is sampled (no random subset), and the metric runs on one thread (ITK's threaded sums
+    change order from run to run), so the pose is bit-identical on every run and machine: a study
+    and its copy with a lesion land on the same grid, and scores do not move with a seed or load.
     """
     fixed_image, fixed_mask = template()
     fixed = to_sitk(fixed_image, CANONICAL_AFFINE)
@@ -151,7 +165,8 @@ def register_rigid(moving: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
     reg.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(initial, inPlace=False)
-    transform = reg.Execute(fixed, moving_sitk)
+    with _single_threaded_itk():
+        transform = reg.Execute(fixed, moving_sitk)
     euler = sitk.Euler3DTransform(sitk.CompositeTransform(transform).GetNthTransform(0))
     matrix = np.eye(4)
     matrix[:3, :3] = np.array(euler.GetMatrix()).reshape(3, 3)
