@@ -140,8 +140,9 @@ def register_rigid(moving: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
     Returns the 4x4 transform from canonical RAS mm to the moving volume's RAS mm.
     Mutual information, so any MR contrast registers to the T1 template. Every template brain
     voxel is sampled (no random subset), and the metric runs on one thread (ITK's threaded sums
-    change order from run to run), so the pose is bit-identical on every run and machine: a study
-    and its copy with a lesion land on the same grid, and scores do not move with a seed or load.
+    change order from run to run), so the pose is bit-identical on every run, whatever the core
+    count or load: a study and its copy with a lesion land on the same grid, and scores do not
+    move with a seed or with the machine's load.
     """
     fixed_image, fixed_mask = template()
     fixed = to_sitk(fixed_image, CANONICAL_AFFINE)
