@@ -9,7 +9,10 @@ study's canonical grid, and every map computed on both:
 - ``residual``: ``|x - reconstruction|`` of the model's mirror-informed reconstruction;
 - ``context``: the same without the mirror channel;
 - ``restored``: ``|x - restored slice|`` of the model's restorer (slice and reconstruction in);
-- ``voxel``: the model's standardised voxel anomaly map;
+- ``voxel``: the model's standardised difference (the geometric mean of the three residuals,
+  standardised voxel by voxel);
+- ``disorder``: the restorer's probability that a voxel held a disorder it removed;
+- ``anomaly``: the model's voxel anomaly map (``voxel`` where ``disorder`` agrees, smoothed);
 - ``tissue``: the residual as a robust z against the same study's residuals of the same tissue
   class, the class (3, a tied Gaussian mixture) read from the reconstruction, which rebuilds a
   lesion as healthy tissue; no population statistics (a candidate, not in the model).
@@ -23,6 +26,8 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
 - ``cell AUROC``: lesion studies against the healthy twins of the same anatomy and contrast,
   averaged over cells with at least two pairs (their number in brackets: few cells, weak figure;
   restrict ``--anatomies`` for more pairs per cell);
+- ``pooled``: AUROC of the focal lesion studies against every healthy twin, all anatomies and
+  contrasts together (what a study-level verdict faces);
 - ``recovered`` (maps in intensity units): median share of the lesion contrast that the map
   gains inside the lesion over the twin (the oracle recovers 1.0);
 - ``offset``: how much the anatomy decides a healthy study's value: the spread of the per-anatomy
@@ -69,7 +74,7 @@ from brainmirror.lesions import FOCAL_KINDS
 from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, normalise, resample
 
 FIRST_INDEX = 2000  # development-stream indices of this script (other diagnostics use others)
-MAPS = ("flip", "residual", "context", "restored", "voxel", "tissue")
+MAPS = ("flip", "residual", "context", "restored", "voxel", "disorder", "anomaly", "tissue")
 INTENSITY_MAPS = ("flip", "residual", "context", "restored")
 FOCAL_MIN_MM = 10.0
 
@@ -106,7 +111,8 @@ def study_maps(detector: Detector, slices: Slices) -> tuple[dict[str, np.ndarray
     maps = detector.reconstruct(slices)
     scores = detector.slice_scores(slices, maps, detector.embed(maps))
     volumes = {"flip": maps.symmetry, "residual": maps.residual, "context": maps.context_residual,
-               "restored": maps.restoration_residual, "voxel": maps.voxel_score, "tissue": tissue_z(maps.residual, maps.reconstruction, slices.mask)}
+               "restored": maps.restoration_residual, "voxel": maps.voxel_score, "disorder": maps.disorder, "anomaly": maps.anomaly,
+               "tissue": tissue_z(maps.residual, maps.reconstruction, slices.mask)}
     return volumes, scores
 
 
@@ -214,7 +220,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     print(f"oracle (twin as reconstruction): lesion contrast inside the lesion, median "
           f"{np.median([p['lesion_contrast'] for p in focal]):.3f} (canonical intensity units)")
     kinds = [k for k in FOCAL_KINDS if any(p["kind"] == k for p in pairs)]
-    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s} {'offset':>6s} {'unseen FPR':>10s}   "
+    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s} {'pooled':>6s} {'offset':>6s} {'unseen FPR':>10s}   "
           + " ".join(f"{k[:6]:>6s}" for k in kinds) + "   " + " ".join(f"{c:>5s}" for c in CONTRASTS))
     summary = {}
     for key in keys:
@@ -222,15 +228,17 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
         spread = np.std([p["twin"][key] for p in pairs])
         paired = float(np.mean(diff > 0))
         auroc, n_cells = cell_auroc(focal, key)
+        twins = [p["twin"][key] for p in pairs]
+        pooled = float(roc_auc_score([1] * len(focal) + [0] * len(twins), [p["lesion"][key] for p in focal] + twins))
         offset, unseen_fpr = anatomy_offset(pairs, key, seen)
         row = {"paired": paired, "effect": float(np.median(diff) / spread) if spread > 0 else float("nan"),
-               "cell_auroc": auroc, "n_cells": n_cells, "offset": offset, "unseen_fpr": unseen_fpr,
+               "cell_auroc": auroc, "n_cells": n_cells, "pooled_auroc": pooled, "offset": offset, "unseen_fpr": unseen_fpr,
                "paired_by_kind": {k: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["kind"] == k]))
                                   for k in kinds},
                "paired_by_contrast": {c: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["contrast"] == c]))
                                       if any(p["contrast"] == c for p in pairs) else float("nan") for c in CONTRASTS}}
         summary[key] = row
-        print(f"{key:22s} {paired:6.2f} {row['effect']:7.2f} {auroc:6.2f} ({n_cells:>2d}) {offset:6.2f} {unseen_fpr:10.2f}   "
+        print(f"{key:22s} {paired:6.2f} {row['effect']:7.2f} {auroc:6.2f} ({n_cells:>2d}) {pooled:6.2f} {offset:6.2f} {unseen_fpr:10.2f}   "
               + " ".join(f"{v:6.2f}" for v in row["paired_by_kind"].values()) + "   "
               + " ".join(f"{v:5.2f}" for v in row["paired_by_contrast"].values()))
     print("\nrecovered share of the lesion contrast inside the lesion (median over focal pairs; oracle 1.0): "
