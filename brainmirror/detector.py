@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from . import __version__
 from . import embedding, study_statistic
-from .difference_maps import DifferenceMaps, difference_maps
+from .difference_maps import ANOMALY_MAP_VERSION, DifferenceMaps, difference_maps
 from .healthy_reference import rebuild
 from .networks import INFERENCE, BetaVAE, Reconstructor, Restorer, default_device
 from .preprocess import SHAPE, Canonical
@@ -123,9 +123,13 @@ class Detector:
 
     def calibration(self, configuration: str) -> dict:
         try:
-            return self.metadata["calibration"]["study"][configuration] | {"voxel": self.metadata["calibration"]["voxel"]}
+            calibration = self.metadata["calibration"]["study"][configuration] | {"voxel": self.metadata["calibration"]["voxel"]}
         except KeyError as error:
             raise RuntimeError(f"model bundle is not calibrated for {configuration!r}: run `brainmirror calibrate`") from error
+        if calibration["voxel"].get("anomaly_map", 1) != ANOMALY_MAP_VERSION:
+            raise RuntimeError("model bundle's voxel threshold was calibrated on an earlier voxel anomaly map: "
+                               "run `brainmirror calibrate` again")
+        return calibration
 
     def score(self, canonical: Canonical, slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray,
               configuration: str = "combined") -> Assessment:
@@ -138,7 +142,7 @@ class Detector:
         verdict = "abnormal" if study > calibration["threshold"] else "normal"
 
         voxel_canonical = np.zeros(SHAPE, np.float32)
-        voxel_canonical[:, :, slices.z] = maps.voxel_score.transpose(1, 2, 0)
+        voxel_canonical[:, :, slices.z] = maps.anomaly.transpose(1, 2, 0)
         anomaly_map = canonical.to_native(voxel_canonical, order=1) * canonical.native_mask
         score_volume = np.full(SHAPE, -1e6, np.float32)
         score_volume[:, :, slices.z] = scores[None, None, :]

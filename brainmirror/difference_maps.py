@@ -1,12 +1,18 @@
 """Difference maps: how far each voxel is from its healthy references, and the voxel anomaly map.
 
-The voxel anomaly map is the geometric mean of the three residuals (mirror-informed
-reconstruction, context-only reconstruction, restored slice), smoothed, divided by its median in
-the study's brain, then standardised voxel by voxel against healthy subjects in canonical space.
-A lesion is far from all three healthy references; a healthy voxel is rarely far from all three:
-the restorer keeps healthy tissue that the hemisphere reconstructions cannot predict (the two
-hemispheres' own folding), and the context-only reconstruction does not copy a lesion's mirror
-ghost, which the mirror-informed one of the healthy side does.
+The standardised difference (``voxel_score``) is the geometric mean of the three residuals
+(mirror-informed reconstruction, context-only reconstruction, restored slice), smoothed, divided
+by its median in the study's brain, then standardised voxel by voxel against healthy subjects in
+canonical space. A lesion is far from all three healthy references; a healthy voxel is rarely far
+from all three: the restorer keeps healthy tissue that the hemisphere reconstructions cannot
+predict (the two hemispheres' own folding), and the context-only reconstruction does not copy a
+lesion's mirror ghost, which the mirror-informed one of the healthy side does.
+
+The voxel anomaly map (``anomaly``), which findings, segmentations and the voxel threshold use,
+is the positive part of the standardised difference where the restorer also says it removed a
+disorder (times its probability), smoothed in 3D: a voxel must be far from the healthy references
+*and* look like a disorder to the restorer, which healthy hot spots (sulci, ventricle walls, an
+anatomy the statistics have not seen) rarely do both.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from .slicing import Slices
 
 VOXEL_STD_FLOOR = 0.25  # in units of the study's median raw map
 RAW_LEVEL_FLOOR = 1e-3
+ANOMALY_SIGMA = (1.0, 1.5, 1.5)  # Gaussian sigma of the anomaly map (slices, rows, columns): 2, 3, 3 mm
+ANOMALY_MAP_VERSION = 2  # recorded with a voxel threshold: 1 was the standardised difference itself
 
 
 @dataclass
@@ -33,7 +41,9 @@ class DifferenceMaps:
     context_residual: np.ndarray  # |x - context-only reconstruction|
     restoration_residual: np.ndarray  # |x - restored slice|
     symmetry: np.ndarray  # |x - mirror(x)|
-    voxel_score: np.ndarray  # standardised voxel anomaly score (0 outside the brain)
+    voxel_score: np.ndarray  # standardised difference (0 outside the brain)
+    disorder: np.ndarray  # the restorer's probability that a voxel held a disorder
+    anomaly: np.ndarray  # voxel anomaly map (0 outside the brain)
 
 
 def raw_voxel_map(residual: np.ndarray, context_residual: np.ndarray, restoration_residual: np.ndarray,
@@ -52,7 +62,8 @@ def raw_voxel_map(residual: np.ndarray, context_residual: np.ndarray, restoratio
 def difference_maps(slices: Slices, reference: HealthyReference, normative: dict[str, np.ndarray]) -> DifferenceMaps:
     """The residuals to each healthy reference, the flip difference and the voxel anomaly map.
 
-    Without healthy voxel statistics in ``normative`` (while training) the voxel map is left raw.
+    Without healthy voxel statistics in ``normative`` (while training) the standardised
+    difference is left raw.
     """
     x, brain = slices.image, slices.mask
     residual, context_residual, restoration_residual = (
@@ -65,7 +76,17 @@ def difference_maps(slices: Slices, reference: HealthyReference, normative: dict
     else:
         voxel_score = raw
     return DifferenceMaps(reference.mirrored, residual, context_residual, restoration_residual,
-                          np.abs(x - x[:, ::-1]) * brain, voxel_score)
+                          np.abs(x - x[:, ::-1]) * brain, voxel_score, reference.disorder,
+                          anomaly_map(voxel_score, reference.disorder, slices))
+
+
+def anomaly_map(voxel_score: np.ndarray, disorder: np.ndarray, slices: Slices) -> np.ndarray:
+    """The positive standardised difference times the disorder probability, smoothed in canonical
+    space (neighbouring slices by their canonical position, so a gap between slices is not bridged)."""
+    volume = np.zeros((SHAPE[2],) + voxel_score.shape[1:], np.float32)
+    volume[slices.z] = np.clip(voxel_score, 0, None) * disorder
+    smooth = ndimage.gaussian_filter(volume, ANOMALY_SIGMA)[slices.z]
+    return (smooth * slices.mask).astype(np.float32)
 
 
 def voxel_statistics(studies: list[Slices], maps: list[DifferenceMaps]) -> tuple[np.ndarray, np.ndarray]:

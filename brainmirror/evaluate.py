@@ -159,7 +159,7 @@ def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np
                  rng: np.random.Generator, keep_example: bool, raw_vae: RawVAEBaseline | None = None) -> Case:
     maps = detector.reconstruct(slices)
     scores = method_slice_scores(detector, slices, maps, raw_vae)
-    voxel = maps.voxel_score[slices.mask]
+    voxel = maps.anomaly[slices.mask]
     voxel_truth = truth_slices[slices.mask]
     label = int(meta.get("lesion", False))
     if not label and len(voxel) > VOXEL_SAMPLE:  # healthy voxels: a seeded subsample suffices
@@ -169,7 +169,7 @@ def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np
     if keep_example and truth_slices.any():
         k = int(np.argmax(truth_slices.sum(axis=(1, 2))))
         example = {"image": slices.image[k], "reconstruction": maps.reconstruction[k], "difference": maps.residual[k],
-                   "anomaly": maps.voxel_score[k], "truth": truth_slices[k]}
+                   "anomaly": maps.anomaly[k], "truth": truth_slices[k]}
     return Case(
         name=name, label=label, kind=name.split("-")[0], meta=meta,
         study={m: study_score(s) for m, s in scores.items()},

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import __version__
 from .baselines import RawVAEBaseline
 from .detector import Detector, half_precision_weights
-from .difference_maps import voxel_statistics
+from .difference_maps import ANOMALY_MAP_VERSION, voxel_statistics
 from .embedding import embedding_statistics, vae_input
 from .networks import (
     INFERENCE,
@@ -380,7 +380,7 @@ def healthy_scores(detector: Detector, studies: list[Slices], progress: bool = T
         per_slice = detector.slice_scores(s, maps, detector.embed(maps))
         for c in CONFIGURATIONS:
             scores[c].append(study_score(per_slice[c]))
-        voxels.append(maps.voxel_score[s.mask])
+        voxels.append(maps.anomaly[s.mask])
     return {c: np.array(v) for c, v in scores.items()}, np.concatenate(voxels)
 
 
@@ -401,7 +401,7 @@ def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05
     voxel_threshold = threshold_at_fpr(voxels, voxel_fpr)
     calibration = {
         "study": study,
-        "voxel": {"threshold": voxel_threshold, "fpr": voxel_fpr,
+        "voxel": {"threshold": voxel_threshold, "fpr": voxel_fpr, "anomaly_map": ANOMALY_MAP_VERSION,
                   "observed_fpr": float((voxels > voxel_threshold).mean()), "n_voxels": int(len(voxels))},
         "data_source": description,
         "anatomies": list(anatomies),

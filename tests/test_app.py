@@ -193,7 +193,7 @@ def abnormal_run(demo_tumour: Path, models_dir: Path, tmp_path_factory: pytest.T
     """The tumour study with the bundle re-calibrated so that every study is abnormal with findings.
 
     Exercises the SEG path whatever the weights: study threshold far below any score, voxel
-    threshold at most a z-score of 3.
+    threshold at most 3 on the voxel anomaly map.
     """
     bundle = models_dir / "brainmirror" if (models_dir / "brainmirror").is_dir() else models_dir
     models = tmp_path_factory.mktemp("abnormal_models")

@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 
 from brainmirror import preprocess
 from brainmirror.detector import Detector
-from brainmirror.difference_maps import raw_voxel_map
+from brainmirror.difference_maps import ANOMALY_MAP_VERSION, anomaly_map, raw_voxel_map
 from brainmirror.networks import Reconstructor, checkerboard, hemispheres, training_mask
 from brainmirror.slicing import slice_volume
 from brainmirror.study_statistic import position_statistics, slice_features
@@ -165,6 +165,49 @@ def test_bundles_fitted_for_other_inference_masks_are_refused(tmp_path):
 
 
 @requires_model
+def test_a_voxel_threshold_calibrated_on_an_earlier_anomaly_map_is_refused(tmp_path):
+    """A bundle calibrated before the voxel anomaly map changed asks for calibration instead of
+    segmenting at a threshold of another map."""
+    import json
+    import shutil
+
+    bundle = tmp_path / "earlier-map"
+    shutil.copytree(MODEL_DIR / "brainmirror", bundle)
+    path = bundle / "configs" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["calibration"]["voxel"].pop("anomaly_map")
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(RuntimeError, match="earlier voxel anomaly map: run `brainmirror calibrate`"):
+        Detector.load(bundle).calibration("combined")
+    assert Detector.load(MODEL_DIR).calibration("combined")["voxel"]["anomaly_map"] == ANOMALY_MAP_VERSION
+
+
+def test_anomaly_map_needs_both_a_difference_and_a_disorder_and_bridges_no_slice_gap():
+    """Zero where either the standardised difference is not positive or the restorer found no
+    disorder; smoothing reaches the neighbouring canonical slice but not across a gap."""
+    from brainmirror.slicing import Slices
+
+    n, z = 4, np.array([10, 11, 12, 30])
+    brain = np.zeros((n, 96, 112), bool)
+    brain[:, 20:80, 20:90] = True
+    slices = Slices(np.zeros((n, 96, 112), np.float32), brain, z)
+    score, disorder = np.zeros((n, 96, 112), np.float32), np.zeros((n, 96, 112), np.float32)
+    score[1, 40:50, 30:40], disorder[1, 40:50, 30:40] = 8.0, 0.9  # both: a lesion
+    score[1, 40:50, 60:70] = 8.0  # a difference the restorer does not call a disorder
+    disorder[1, 60:70, 30:40] = 0.9  # a disorder call where the difference is healthy
+    score[1, 60:70, 60:70], disorder[1, 60:70, 60:70] = -4.0, 0.9  # below the healthy mean
+    anomaly = anomaly_map(score, disorder, slices)
+    assert anomaly[1, 45, 35] > 0.3 * 8.0 * 0.9  # the smoothing spreads it over neighbouring slices
+    assert anomaly[1, 45, 65] < 0.05 * anomaly[1, 45, 35] and anomaly[1, 65, 35] < 0.05 * anomaly[1, 45, 35]
+    assert anomaly[1, 65, 65] < 0.05 * anomaly[1, 45, 35]
+    assert anomaly[0, 45, 35] > 0.2 * anomaly[1, 45, 35]  # the neighbouring slice
+    score[1], disorder[1] = 0.0, 0.0
+    score[2, 40:50, 30:40], disorder[2, 40:50, 30:40] = 8.0, 0.9
+    assert anomaly_map(score, disorder, slices)[3].max() == 0.0  # slice 30 is 18 slices away
+    assert (anomaly[~brain] == 0).all()
+
+
+@requires_model
 def test_mahalanobis_matches_direct_numpy_computation():
     detector = Detector.load(MODEL_DIR)
     rng = np.random.default_rng(0)
@@ -218,18 +261,19 @@ def test_symmetry_masked_reconstruction_removes_a_one_sided_lesion():
     # and keeps healthy tissue closer than the reconstruction does (99th percentile of the residual
     # away from the blobs and their mirrors: measured 0.56 of the reconstruction's); it also says
     # where the blobs are, and not at their mirrors (mean probability 0.97-0.99 and 0.02-0.05)
-    restored, located = [], []
-    with torch.no_grad():
-        x = torch.from_numpy(slices.image[:, None]).float().to(detector.device)
-        reconstruction = torch.from_numpy(maps.reconstruction[:, None]).float().to(detector.device)
-        where = torch.sigmoid(detector.restorer.restore_and_locate(x, reconstruction)[1])[:, 0].cpu().numpy()
+    restored, located, marked = [], [], []
+    threshold = detector.calibration("combined")["voxel"]["threshold"]
     for z, blob in blobs.items():
         k = int(np.flatnonzero(slices.z == z)[0])
         contrast = np.abs(lesioned[:, :, z] - image[:, :, z])[blob[:, :, z]].mean()
         restored.append(maps.restoration_residual[k][blob[:, :, z]].mean() / contrast)
-        located.append((where[k][blob[:, :, z]].mean(), where[k][blob[::-1][:, :, z]].mean()))
+        located.append((maps.disorder[k][blob[:, :, z]].mean(), maps.disorder[k][blob[::-1][:, :, z]].mean()))
+        marked.append((np.median(maps.anomaly[k][blob[:, :, z]]), np.median(maps.anomaly[k][blob[::-1][:, :, z]])))
     assert min(restored) > 0.6, restored
     assert all(inside > 0.8 and mirror < 0.2 for inside, mirror in located), located
+    # the voxel anomaly map marks each blob at the calibrated voxel threshold, and not its mirror
+    # (measured: medians 11-22 on the blobs, 0.03-0.05 on their mirrors, threshold 0.76)
+    assert all(inside > threshold > mirror for inside, mirror in marked), (marked, threshold)
     away = slices.mask.copy()
     for blob in blobs.values():
         near = blob | blob[::-1]
