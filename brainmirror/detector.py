@@ -81,6 +81,11 @@ class Detector:
                                  f"runs ({detail}): retrain it (README, 'Reproducing the shipped weights')") from None
         with np.load(bundle / "models" / "normative.npz") as data:
             normative = {k: data[k].astype(np.float32) for k in data.files}
+        missing = [f for f in study_statistic.FEATURES if f"{f}_mean" not in normative]
+        if missing:
+            raise ValueError(f"model bundle at {bundle} has no healthy statistics of the slice statistic "
+                             f"{', '.join(missing)} (made by an earlier brainmirror): retrain it "
+                             "(README, 'Reproducing the shipped weights')")
         return cls(networks["reconstruction"], networks["restoration"], networks["embedding"], normative, metadata, device)
 
     def save(self, bundle: Path | str) -> None:

@@ -7,8 +7,9 @@ healthy statistics, then aggregated to the study:
 - ``symmetry``: mean squared left-right difference ``|x - mirror(x)|`` inside the brain,
 - ``vae``: Mahalanobis distance of the Beta-VAE embedding of the difference maps to the
   healthy embeddings,
-- ``combined``: the mean of the standardised ``vae`` score and of the top-2 % mean of the
-  voxel anomaly map.
+- ``combined``: the mean of the standardised ``vae`` score and of the standardised peak of the
+  voxel anomaly map in the slice (a voxel far from the healthy references *and* taken for a
+  disorder by the restorer; healthy hot spots of the standardised difference alone rarely are).
 
 Study score: the mean of the three highest slice scores (robust to one noisy slice, still
 sensitive to a lesion a few slices thick).
@@ -24,8 +25,8 @@ from .preprocess import SHAPE
 from .slicing import Slices
 
 CONFIGURATIONS = ("mse", "symmetry", "vae", "combined")
+FEATURES = ("mse", "symmetry", "vae", "peak")  # slice statistics with healthy position statistics
 TOP_SLICES = 3
-TOP_VOXEL_FRACTION = 0.02
 
 
 def slice_features(slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray,
@@ -33,14 +34,11 @@ def slice_features(slices: Slices, maps: DifferenceMaps, embeddings: np.ndarray,
     """Raw (unstandardised) per-slice statistics."""
     brain = slices.mask
     count = np.maximum(brain.sum(axis=(1, 2)), 1)
-    flat = np.where(brain, maps.voxel_score, -np.inf).reshape(len(brain), -1)
-    k = np.maximum((count * TOP_VOXEL_FRACTION).astype(int), 10)
-    top = np.array([np.sort(row)[-kk:].mean() for row, kk in zip(flat, k)]) if len(flat) else np.zeros(0)
     return {
         "mse": (maps.residual**2).sum(axis=(1, 2)) / count,
         "symmetry": (maps.symmetry**2).sum(axis=(1, 2)) / count,
         "vae": embedding_distance(embeddings, normative),
-        "top": top,
+        "peak": np.where(brain, maps.anomaly, 0).max(axis=(1, 2), initial=0),
     }
 
 
@@ -48,7 +46,7 @@ def slice_scores(features: dict[str, np.ndarray], z: np.ndarray, normative: dict
     """Slice scores of every configuration, each feature standardised at its canonical slice position."""
     standard = {name: standardise(value, z, normative[f"{name}_mean"], normative[f"{name}_std"])
                 for name, value in features.items()}
-    standard["combined"] = 0.5 * (standard["vae"] + standard["top"])
+    standard["combined"] = 0.5 * (standard["vae"] + standard["peak"])
     return {name: standard[name].astype(np.float32) for name in CONFIGURATIONS}
 
 

@@ -15,7 +15,7 @@ from brainmirror.detector import Detector
 from brainmirror.difference_maps import ANOMALY_MAP_VERSION, anomaly_map, raw_voxel_map
 from brainmirror.networks import Reconstructor, checkerboard, hemispheres, training_mask
 from brainmirror.slicing import slice_volume
-from brainmirror.study_statistic import position_statistics, slice_features
+from brainmirror.study_statistic import FEATURES, position_statistics, slice_features
 from brainmirror.training import threshold_at_fpr
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -180,6 +180,41 @@ def test_a_voxel_threshold_calibrated_on_an_earlier_anomaly_map_is_refused(tmp_p
     with pytest.raises(RuntimeError, match="earlier voxel anomaly map: run `brainmirror calibrate`"):
         Detector.load(bundle).calibration("combined")
     assert Detector.load(MODEL_DIR).calibration("combined")["voxel"]["anomaly_map"] == ANOMALY_MAP_VERSION
+
+
+@requires_model
+def test_a_bundle_without_healthy_statistics_of_the_peak_is_refused(tmp_path):
+    """A bundle whose healthy statistics predate the anomaly-map peak in ``combined`` asks to be
+    retrained instead of failing on a missing key (or scoring against another statistic)."""
+    import shutil
+
+    bundle = tmp_path / "earlier-statistics"
+    shutil.copytree(MODEL_DIR / "brainmirror", bundle)
+    path = bundle / "models" / "normative.npz"
+    with np.load(path) as data:
+        normative = {k: data[k] for k in data.files if not k.startswith("peak_")}
+    np.savez_compressed(path, **normative)
+    with pytest.raises(ValueError, match="no healthy statistics of the slice statistic peak.*retrain it"):
+        Detector.load(bundle)
+
+
+def test_peak_feature_is_the_anomaly_map_maximum_inside_the_brain():
+    """The slice feature behind ``combined`` is the highest voxel anomaly inside each slice's brain."""
+    from brainmirror.difference_maps import DifferenceMaps
+    from brainmirror.slicing import Slices
+
+    n = 3
+    brain = np.zeros((n, 96, 112), bool)
+    brain[:, 20:80, 20:90] = True
+    anomaly = np.zeros((n, 96, 112), np.float32)
+    anomaly[0, 30, 30] = 2.5
+    anomaly[1, 5, 5] = 9.0  # outside the brain: not counted
+    zeros = np.zeros((n, 96, 112), np.float32)
+    maps = DifferenceMaps(*(zeros,) * 7, anomaly)
+    features = slice_features(Slices(zeros, brain, np.arange(n)), maps, np.zeros((n, 4), np.float32),
+                              {"embedding_mean": np.zeros(4, np.float32), "embedding_precision": np.eye(4, dtype=np.float32)})
+    np.testing.assert_array_equal(features["peak"], [2.5, 0.0, 0.0])
+    assert tuple(features) == FEATURES  # the statistics a bundle must bring (``Detector.load`` checks)
 
 
 def test_anomaly_map_needs_both_a_difference_and_a_disorder_and_bridges_no_slice_gap():
