@@ -28,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-PREPARATION_VERSION = 2
+PREPARATION_VERSION = 3  # 3: N4 on one thread (``preprocess.bias_corrected``)
 """Bump whenever ``prepare`` changes its output: prepared anatomies (and the studies made from
 them) are cached per ``version_tag``, which also changes with any pinned file."""
 
@@ -241,8 +241,10 @@ def prepare(name: str) -> Path:
         brain = extract_brain(t1_image)
         if brain is None:
             raise RuntimeError(f"deepbet found no plausible brain in the {name} anatomy")
+    from .preprocess import bias_corrected
+
     t1 = np.clip(t1 - np.percentile(t1, 0.5), 0, None)
-    t1 = _bias_corrected(t1, brain, t1_image.affine)
+    t1 = bias_corrected(t1, brain, t1_image.affine, shrink=3)
     t1 /= np.percentile(t1[brain], 99)
     tissue = tissue_from_t1(t1, brain)
     head = t1 > 0.05
@@ -274,22 +276,6 @@ def _resample_like(image: nib.Nifti1Image, like: nib.Nifti1Image, order: int) ->
 
     out_to_in = np.linalg.inv(image.affine) @ like.affine
     return resample(image.get_fdata(dtype=np.float32), out_to_in, like.shape[:3], order=order)
-
-
-def _bias_corrected(t1: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """N4 bias-field correction (SimpleITK) fitted inside the brain, applied to the whole head."""
-    import SimpleITK as sitk
-
-    from .preprocess import to_sitk
-
-    image = to_sitk(t1 + 1e-3, affine)
-    mask = sitk.Cast(to_sitk(brain.astype(np.float32), affine) > 0.5, sitk.sitkUInt8)
-    small_image, small_mask = sitk.Shrink(image, [3] * 3), sitk.Shrink(mask, [3] * 3)
-    n4 = sitk.N4BiasFieldCorrectionImageFilter()
-    n4.SetMaximumNumberOfIterations([50, 40, 30])
-    n4.Execute(small_image, small_mask)
-    log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
-    return (t1 / np.exp(log_bias)).astype(np.float32)
 
 
 def tissue_from_t1(t1: np.ndarray, brain: np.ndarray) -> np.ndarray:

@@ -98,7 +98,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .training import train
 
-    base = Detector.load(args.model)
+    base = Detector.load(args.model, refit=True)  # its healthy statistics are refitted on the current preprocessing
     sources, description, anatomies = _sources(args, "train", 16)
     train(sources, args.output, args.work / "finetune", _training_config(args),
           f"fine-tuned from {base.version} on {description}", base=base, progress=not args.quiet,

@@ -19,7 +19,7 @@ from . import embedding, study_statistic
 from .difference_maps import ANOMALY_MAP_VERSION, DifferenceMaps, difference_maps
 from .healthy_reference import rebuild
 from .networks import INFERENCE, BetaVAE, Reconstructor, Restorer, default_device
-from .preprocess import SHAPE, Canonical
+from .preprocess import PREPROCESSING_VERSION, SHAPE, Canonical
 from .result import Assessment, Finding
 from .slicing import Slices, slice_volume
 from .study_statistic import CONFIGURATIONS
@@ -54,7 +54,9 @@ class Detector:
 
     # -- bundle I/O ------------------------------------------------------------------------
     @classmethod
-    def load(cls, bundle: Path | str, device: torch.device | None = None) -> "Detector":
+    def load(cls, bundle: Path | str, device: torch.device | None = None, refit: bool = False) -> "Detector":
+        """A bundle from disk; refused (ValueError, with what to do) where this brainmirror would score
+        it wrongly. ``refit``: accept healthy statistics of another preprocessing (they are refitted)."""
         bundle = Path(bundle)
         if (bundle / "brainmirror").is_dir():  # accept the models/ folder of an app too
             bundle = bundle / "brainmirror"
@@ -67,6 +69,13 @@ class Detector:
         if inference != INFERENCE:
             raise ValueError(f"model bundle at {bundle} was fitted for {_describe(inference)}, but this brainmirror "
                              f"rebuilds {_describe(INFERENCE)}: retrain it (README, 'Reproducing the shipped weights')")
+        preprocessing = metadata.get("preprocessing")
+        if preprocessing != PREPROCESSING_VERSION and not refit:
+            raise ValueError(f"model bundle at {bundle}: its healthy statistics were fitted on preprocessing version "
+                             f"{preprocessing or '3 or earlier'}, but this brainmirror preprocesses with version "
+                             f"{PREPROCESSING_VERSION}: refit them with `brainmirror finetune --model {bundle} --unet-steps 0 "
+                             "--restorer-steps 0 --vae-steps 0` and calibrate, or retrain it "
+                             "(README, 'Reproducing the shipped weights')")
         network = metadata["network"]
         networks = {"reconstruction": Reconstructor(tuple(network["unet_features"])),
                     "restoration": Restorer(tuple(network["restorer_features"])),
@@ -131,6 +140,9 @@ class Detector:
             calibration = self.metadata["calibration"]["study"][configuration] | {"voxel": self.metadata["calibration"]["voxel"]}
         except KeyError as error:
             raise RuntimeError(f"model bundle is not calibrated for {configuration!r}: run `brainmirror calibrate`") from error
+        if self.metadata["calibration"].get("preprocessing") != self.metadata.get("preprocessing"):
+            raise RuntimeError("model bundle was calibrated on another preprocessing than its healthy statistics: "
+                               "run `brainmirror calibrate` again")
         if calibration["voxel"].get("anomaly_map", 1) != ANOMALY_MAP_VERSION:
             raise RuntimeError("model bundle's voxel threshold was calibrated on an earlier voxel anomaly map: "
                                "run `brainmirror calibrate` again")

@@ -142,7 +142,10 @@ def _checkpointed_loop(name: str, model: torch.nn.Module, steps: int, step_fn, c
 
     ``key`` fingerprints the data, settings and starting weights: a checkpoint of another run
     (other studies, recipe or network input) in the same folder is ignored, never resumed.
+    No steps: the weights are kept (a refit of the healthy statistics only).
     """
+    if steps == 0:
+        return
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
     path = checkpoint_dir / f"{name}.ckpt"
@@ -303,9 +306,11 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
     vae = base.vae if base else BetaVAE(latent=config.latent, channels=config.vae_channels)
     detector = Detector(reconstructor, restorer, vae, dict(base.normative) if base else {}, {}, device)
     fit_voxel_statistics(detector, normative, progress)
-    fit_maps = np.concatenate([vae_input(detector.reconstruct(s))
-                               for s in tqdm(fit, desc="difference maps", disable=not progress)])
-    detector.vae = round_to_stored(train_vae(fit_maps, config, work / "checkpoints", device, detector.vae, progress)).eval()
+    if config.vae_steps:
+        fit_maps = np.concatenate([vae_input(detector.reconstruct(s))
+                                   for s in tqdm(fit, desc="difference maps", disable=not progress)])
+        detector.vae = round_to_stored(train_vae(fit_maps, config, work / "checkpoints", device, detector.vae,
+                                                 progress)).eval()
     fit_embedding_statistics(detector, normative, progress)
     detector.metadata = {
         "name": "brainmirror",
@@ -318,9 +323,11 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
         "copyright": "brainmirror",
         "intended_use": "Research only. NOT FOR CLINICAL USE.",
         "data_source": data_description,
+        "preprocessing": preprocess.PREPROCESSING_VERSION,  # of the healthy statistics
         "training": {"studies": len(fit), "normative_studies": len(normative),
                      "slices": int(sum(len(s.z) for s in fit)), "date": date.today().isoformat(),
                      "fine_tuned_from": base.version if base else None,
+                     "base_training": base.metadata.get("training") if base else None,
                      "anatomies": sorted(set(anatomies) | set(base.anatomies() if base else ())),
                      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}},
         "network": {"unet_features": list(config.unet_features), "restorer_features": list(config.restorer_features),
@@ -404,6 +411,7 @@ def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05
         "voxel": {"threshold": voxel_threshold, "fpr": voxel_fpr, "anomaly_map": ANOMALY_MAP_VERSION,
                   "observed_fpr": float((voxels > voxel_threshold).mean()), "n_voxels": int(len(voxels))},
         "data_source": description,
+        "preprocessing": preprocess.PREPROCESSING_VERSION,
         "anatomies": list(anatomies),
         "date": date.today().isoformat(),
     }

@@ -71,7 +71,7 @@ from brainmirror.detector import Detector
 from brainmirror.slicing import Slices, slice_volume
 from brainmirror.study_statistic import CONFIGURATIONS, study_score
 from brainmirror.lesions import FOCAL_KINDS
-from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, normalise, resample
+from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, intensities, resample
 
 FIRST_INDEX = 2000  # development-stream indices of this script (other diagnostics use others)
 MAPS = ("flip", "residual", "context", "restored", "voxel", "disorder", "anomaly", "tissue")
@@ -83,7 +83,7 @@ def canonical_pair(subject) -> tuple[Slices, Slices, np.ndarray]:
     """Slices of the lesion study and of its twin on the lesion study's grid, and the lesion truth."""
     lesion = canonicalise(subject.image)
     twin = np.asarray(subject.healthy_twin.get_fdata(dtype=np.float32))
-    twin_volume = normalise(resample(twin - twin.min(), lesion.canonical_to_native_vox, SHAPE), lesion.mask)
+    twin_volume = intensities(resample(twin - twin.min(), lesion.canonical_to_native_vox, SHAPE), lesion.mask)
     truth = lesion.to_canonical(subject.lesion_mask.astype(np.float32)) > 0.5
     slices = slice_volume(lesion)
     twin_slices = Slices(np.ascontiguousarray(twin_volume[:, :, slices.z].transpose(2, 0, 1)), slices.mask, slices.z)

@@ -10,6 +10,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+
+from brainmirror.preprocess import PREPROCESSING_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +78,16 @@ def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
                        "--work", str(work), *small)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tuned / "configs" / "metadata.json").read_text())["training"]["fine_tuned_from"]
+
+    refitted = tmp_path / "refitted"  # no steps: the healthy statistics are refitted, the networks kept
+    proc = brainmirror("finetune", "--model", str(model), "--data", str(data), "--output", str(refitted), "--work",
+                       str(work), "--unet-steps", "0", "--restorer-steps", "0", "--vae-steps", "0", "--latent", "16", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("reconstruction.pt", "restoration.pt", "embedding.pt"):
+        before, after = torch.load(model / "models" / name), torch.load(refitted / "models" / name)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    metadata = json.loads((refitted / "configs" / "metadata.json").read_text())
+    assert metadata["preprocessing"] == PREPROCESSING_VERSION and metadata["training"]["base_training"]["studies"] == 2
 
     study = data / "sub-00_T1w.nii.gz"
     proc = brainmirror("run", str(study), "--model", str(model), "--output", str(tmp_path / "out"))

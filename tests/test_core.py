@@ -99,6 +99,22 @@ def test_scaling_ignores_a_one_sided_bright_lesion():
     assert np.abs(plain[healthy] - before[healthy]).max() > 0.1
 
 
+def test_a_coil_bias_field_is_corrected_before_scaling():
+    """A smooth multiplicative field that differs between the hemispheres (a coil's) is a left-right
+    difference no mirror predicts: the canonical intensities take it out, plain scaling does not."""
+    image, mask = preprocess.template()
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in image.shape), indexing="ij")
+    field = np.exp(0.15 * x + 0.1 * y * z - 0.1 * (x - 0.3) ** 2).astype(np.float32)  # up to ~30 % left vs right
+    clean = preprocess.intensities(image, mask)
+    corrected, plain = preprocess.intensities(image * field, mask), preprocess.normalise(image * field, mask)
+    error = lambda a: float(np.abs(a - clean)[mask].mean())  # noqa: E731
+    assert error(plain) > 0.04
+    assert error(corrected) < 0.35 * error(plain)
+    asymmetry = lambda a: float(np.abs(a - a[::-1])[mask & mask[::-1]].mean())  # noqa: E731
+    assert asymmetry(corrected) < asymmetry(clean) + 0.3 * (asymmetry(plain) - asymmetry(clean))
+    assert np.array_equal(preprocess.intensities(image * field, mask), corrected)  # deterministic
+
+
 def test_raw_voxel_map_is_relative_to_the_study_level():
     rng = np.random.default_rng(0)
     residual, context, restoration = rng.random((3, 3, 96, 112)).astype(np.float32)
@@ -180,6 +196,30 @@ def test_a_voxel_threshold_calibrated_on_an_earlier_anomaly_map_is_refused(tmp_p
     with pytest.raises(RuntimeError, match="earlier voxel anomaly map: run `brainmirror calibrate`"):
         Detector.load(bundle).calibration("combined")
     assert Detector.load(MODEL_DIR).calibration("combined")["voxel"]["anomaly_map"] == ANOMALY_MAP_VERSION
+
+
+@requires_model
+def test_a_bundle_fitted_on_another_preprocessing_is_refused(tmp_path):
+    """Healthy statistics and thresholds fitted on other intensities (before bias-field correction)
+    would score every study against the wrong healthy reference: refused, with the refit command."""
+    import json
+    import shutil
+
+    bundle = tmp_path / "version-3"
+    shutil.copytree(MODEL_DIR / "brainmirror", bundle)
+    path = bundle / "configs" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata.pop("preprocessing")
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="preprocessing version 3 or earlier.*brainmirror finetune.*--unet-steps 0"):
+        Detector.load(bundle)
+    assert Detector.load(bundle, refit=True).metadata["calibration"]  # what finetune starts from
+    metadata["preprocessing"] = preprocess.PREPROCESSING_VERSION
+    metadata["calibration"]["preprocessing"] = preprocess.PREPROCESSING_VERSION - 1
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(RuntimeError, match="calibrated on another preprocessing.*brainmirror calibrate"):
+        Detector.load(bundle).calibration("combined")
+    assert Detector.load(MODEL_DIR).calibration("combined")  # the shipped bundle is consistent
 
 
 @requires_model
