@@ -73,8 +73,8 @@ class Detector:
         if preprocessing != PREPROCESSING_VERSION and not refit:
             raise ValueError(f"model bundle at {bundle}: its healthy statistics were fitted on preprocessing version "
                              f"{preprocessing or '3 or earlier'}, but this brainmirror preprocesses with version "
-                             f"{PREPROCESSING_VERSION}: refit them with `brainmirror finetune --model {bundle} --unet-steps 0 "
-                             "--restorer-steps 0 --vae-steps 0` and calibrate, or retrain it "
+                             f"{PREPROCESSING_VERSION}: refit them on its training studies with `brainmirror finetune --model {bundle} "
+                             f"--output {bundle} --unet-steps 0 --restorer-steps 0 --vae-steps 0` and calibrate, or retrain it "
                              "(README, 'Reproducing the shipped weights')")
         network = metadata["network"]
         networks = {"reconstruction": Reconstructor(tuple(network["unet_features"])),
