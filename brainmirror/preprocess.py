@@ -290,7 +290,8 @@ def bias_corrected(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, shr
             n4.Execute(sitk.Shrink(image, [shrink] * 3), sitk.Shrink(brain, [shrink] * 3))
             log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).transpose(2, 1, 0)
     except RuntimeError as error:
-        raise PreprocessingError(f"bias-field correction failed ({str(error).strip().splitlines()[-1]})") from None
+        reason = (str(error).strip().splitlines() or ["ITK error"])[-1]
+        raise PreprocessingError(f"bias-field correction failed ({reason})") from None
     if not np.isfinite(log_bias).all():
         raise PreprocessingError("bias-field correction failed (the fitted field is not finite)")
     return (volume / np.exp(log_bias)).astype(np.float32)
