@@ -1,7 +1,8 @@
 """Demo DICOM studies: a real anatomy (Colin27, Debian mricron-data) as an MR series.
 
 SYNTHETIC: the anatomy is real, but the contrast remap, warp and any lesion are synthetic
-(``brainmirror.cohort`` and ``brainmirror.lesions``). Colin27 is never used for training.
+(``brainmirror.cohort`` and ``brainmirror.lesions``). Colin27 is one of the training anatomies
+(``anatomies.TRAINING_ANATOMIES``); the demo stream's warps and lesions are not.
 """
 
 from __future__ import annotations

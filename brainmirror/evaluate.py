@@ -324,6 +324,16 @@ def anatomy_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, 
     }
 
 
+def contrast_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict, methods: list[str]) -> dict:
+    """Per contrast family: its healthy studies' score levels and FPR at the one calibrated threshold,
+    and its lesions against its own healthy studies (one threshold serves every family only where
+    their healthy studies score alike)."""
+    names = sorted({c.meta.get("contrast") for c in healthy + lesions} - {None, "unknown"})
+    return {name: group_figures([c for c in healthy if c.meta.get("contrast") == name],
+                                [c for c in lesions if c.meta.get("contrast") == name], thresholds, methods)
+            for name in names}
+
+
 def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict,
                     seen_anatomies: tuple[str, ...] = TRAINING_ANATOMIES) -> dict:
     cases = healthy + lesions
@@ -374,6 +384,8 @@ def compute_metrics(healthy: list[Case], lesions: list[Case], thresholds: dict,
         groups["noise"].setdefault("high noise" if c.meta.get("noise", 0) > 0.02 else "low noise", []).append(c)
     if any(c.meta.get("anatomy") in ANATOMIES for c in cases):
         metrics["anatomy"] = anatomy_metrics(healthy, lesions, thresholds, methods, seen_anatomies)
+    if contrasts := contrast_metrics(healthy, lesions, thresholds, methods):
+        metrics["contrast"] = contrasts
     for axis, members in groups.items():
         metrics["breakdown"][axis] = {
             key: {"n": len(group),
@@ -431,9 +443,15 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
     fig.savefig(out / "dice_by_size.png", dpi=110)
     plt.close(fig)
 
+    threshold = metrics["thresholds"]["study"]["combined"]
     if "anatomy" in metrics:
-        anatomy_plot(out / "anatomy_scores.png", healthy, lesions, metrics["thresholds"]["study"]["combined"],
-                     metrics["anatomy"]["seen_anatomies"])
+        seen = metrics["anatomy"]["seen_anatomies"]
+        names = [a for a in ANATOMIES if any(c.meta.get("anatomy") == a for c in cases)]
+        scores_plot(out / "anatomy_scores.png", healthy, lesions, threshold, "anatomy",
+                    {n: f"{n}\n{'seen' if n in seen else 'UNSEEN'}" for n in names}, "Study scores by anatomy")
+    if "contrast" in metrics:
+        scores_plot(out / "contrast_scores.png", healthy, lesions, threshold, "contrast",
+                    {n: n.upper() for n in metrics["contrast"]}, "Study scores by contrast family")
 
     examples = [c for c in lesions if c.example is not None]
     if examples:
@@ -459,21 +477,22 @@ def write_report(out: Path, metrics: dict, healthy: list[Case], lesions: list[Ca
     (out / "summary.md").write_text(summary_markdown(metrics, description))
 
 
-def anatomy_plot(path: Path, healthy: list[Case], lesions: list[Case], threshold: float, seen: list[str]) -> None:
-    """`combined` study scores per anatomy, healthy and lesion studies side by side, with the threshold."""
+def scores_plot(path: Path, healthy: list[Case], lesions: list[Case], threshold: float, key: str,
+                names: dict[str, str], title: str) -> None:
+    """`combined` study scores per group (``names``: the values of ``meta[key]`` and their tick labels),
+    healthy and lesion studies side by side, with the threshold."""
     import matplotlib.pyplot as plt
 
-    names = [a for a in ANATOMIES if any(c.meta.get("anatomy") == a for c in healthy + lesions)]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.5))
     rng = np.random.default_rng(0)
     for x, name in enumerate(names):
         for offset, cases, colour, label in ((-0.17, healthy, "tab:blue", "healthy"), (0.17, lesions, "tab:red", "lesion")):
-            y = [c.study["combined"] for c in cases if c.meta.get("anatomy") == name]
+            y = [c.study["combined"] for c in cases if c.meta.get(key) == name]
             ax.scatter(x + offset + rng.uniform(-0.08, 0.08, len(y)), y, s=14, color=colour, alpha=0.75,
                        label=label if x == 0 else None)
     ax.axhline(threshold, color="grey", ls="--", lw=1, label="calibrated 5 % FPR threshold")
-    ax.set_xticks(range(len(names)), [f"{n}\n{'seen' if n in seen else 'UNSEEN'}" for n in names])
-    ax.set(ylabel="study score (combined)", title="Study scores by anatomy (SYNTHETIC studies)")
+    ax.set_xticks(range(len(names)), list(names.values()))
+    ax.set(ylabel="study score (combined)", title=f"{title} (SYNTHETIC studies)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -497,6 +516,8 @@ def summary_markdown(metrics: dict, description: str) -> str:
                      f"{fmt(r['specificity'])} | {fmt(r['fpr'])} | {fmt(f['auroc'])} | {fmt(f['sensitivity'])} |")
     if "anatomy" in metrics:
         lines += anatomy_markdown(metrics["anatomy"], fmt)
+    if "contrast" in metrics:
+        lines += contrast_markdown(metrics["contrast"], fmt)
     lines += ["\n## Slice level\n",
               ("Pooled over all test slices; *within study*: lesion slices against the other slices of the same "
                "lesion study, averaged over studies (does the map point at the right slices, whatever the study's score level).\n"),
@@ -515,6 +536,7 @@ def summary_markdown(metrics: dict, description: str) -> str:
             best = max(v for m, v in g["auroc_vs_healthy"].items() if is_baseline(m))
             lines.append(f"| {key} | {g['n']} | {fmt(g['sensitivity']['combined'])} | {fmt(g['auroc_vs_healthy']['combined'])} | {fmt(best)} | {fmt(g['dice_mean'])} |")
     lines.append("\nPlots: `roc_pr.png`, `dice_by_size.png`, `gallery.png`" + (", `anatomy_scores.png`" if "anatomy" in metrics else "")
+                 + (", `contrast_scores.png`" if "contrast" in metrics else "")
                  + ". Raw figures: `metrics.json`, `cases.json`.\n")
     return "\n".join(lines)
 
@@ -528,19 +550,36 @@ def anatomy_markdown(figures: dict, fmt) -> list[str]:
              f"({', '.join(figures['seen_anatomies'])}). Unseen: never used for its training, healthy statistics "
              f"or calibration ({', '.join(figures['unseen_anatomies']) or 'none'}).{recorded} FPR: healthy studies "
              "above the calibrated study threshold, with its exact 95 % interval.\n",
-             "| anatomies | healthy | lesion | healthy score median / p95 | FPR [95% CI] | AUROC [95% CI] | focal >=10 mm AUROC | best baseline AUROC |",
-             "|---|---|---|---|---|---|---|---|"]
+             *group_table("anatomies")]
     rows = [(f"**{split}**", g) for split, g in figures["split"].items()]
     rows += [(f"{name} ({'seen' if name in figures['seen_anatomies'] else 'unseen'})", g)
              for name, g in figures["per_anatomy"].items()]
-    for label, group in rows:
-        c = group["combined"]
-        baselines = [v["auroc"] for m, v in group.items() if is_baseline(m) and np.isfinite(v["auroc"])]
-        lines.append(f"| {label} | {c['n_healthy']} | {c['n_lesion']} | {fmt(c['healthy_score_median'])} / {fmt(c['healthy_score_p95'])} | "
-                     f"{fmt(c['fpr'])} [{fmt(c['fpr_ci95'][0])}, {fmt(c['fpr_ci95'][1])}] | "
-                     f"{fmt(c['auroc'])} [{fmt(c['auroc_ci95'][0])}, {fmt(c['auroc_ci95'][1])}] | {fmt(c['focal_10mm_auroc'])} | "
-                     f"{fmt(max(baselines)) if baselines else 'n/a'} |")
-    return lines
+    return lines + [group_row(label, group, fmt) for label, group in rows]
+
+
+def contrast_markdown(figures: dict, fmt) -> list[str]:
+    """The by-contrast-family section of the summary: healthy levels and FPR, lesions against their own family."""
+    return ["\n## By contrast family: healthy levels at the one threshold\n",
+            "Each family's healthy studies against the one calibrated study threshold (FPR with its exact 95 % "
+            "interval), and its lesion studies against its own healthy studies only (the breakdown by contrast "
+            "below compares them with every healthy study).\n",
+            *group_table("contrast"), *(group_row(name.upper(), group, fmt) for name, group in figures.items())]
+
+
+def group_table(label: str) -> list[str]:
+    """The header of a table of ``group_row`` rows."""
+    return [f"| {label} | healthy | lesion | healthy score median / p95 | FPR [95% CI] | AUROC [95% CI] | focal >=10 mm AUROC | best baseline AUROC |",
+            "|---|---|---|---|---|---|---|---|"]
+
+
+def group_row(label: str, group: dict, fmt) -> str:
+    """A summary row of ``group_figures``: `combined`, and the best baseline's AUROC."""
+    c = group["combined"]
+    baselines = [v["auroc"] for m, v in group.items() if is_baseline(m) and np.isfinite(v["auroc"])]
+    return (f"| {label} | {c['n_healthy']} | {c['n_lesion']} | {fmt(c['healthy_score_median'])} / {fmt(c['healthy_score_p95'])} | "
+            f"{fmt(c['fpr'])} [{fmt(c['fpr_ci95'][0])}, {fmt(c['fpr_ci95'][1])}] | "
+            f"{fmt(c['auroc'])} [{fmt(c['auroc_ci95'][0])}, {fmt(c['auroc_ci95'][1])}] | {fmt(c['focal_10mm_auroc'])} | "
+            f"{fmt(max(baselines)) if baselines else 'n/a'} |")
 
 
 def evaluate(detector: Detector, calibration_sources, test_sources, out: Path, description: str,

@@ -42,7 +42,7 @@ CANONICAL_AFFINE = np.array(
     ]
 )
 PLAUSIBLE_BRAIN_ML = (700.0, 2300.0)  # brain masks outside this range are not trusted
-BIAS_SHRINK = 2  # N4 is fitted on a 4 mm copy of the canonical volume (about 1.5 s)
+BIAS_SHRINK = 2  # N4 is fitted on a 4 mm copy of the canonical volume (1-6 s, README 'Speed and memory')
 MIN_BRAIN_COVERAGE = 0.5  # the application assesses a series covering at least this fraction of a typical brain
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -17,6 +17,7 @@ from brainmirror.evaluate import (
     Case,
     anatomy_metrics,
     binary_metrics,
+    contrast_metrics,
     bootstrap_ci,
     dice,
     size_bin,
@@ -91,6 +92,25 @@ def test_anatomy_figures_by_hand():
     assert trained_on_more["split"]["seen"]["combined"]["n_healthy"] == 7
 
 
+def test_contrast_family_figures_by_hand():
+    """Each family's healthy FPR at the one threshold, and its lesions against its own healthy studies."""
+
+    def case(label, contrast, score):
+        meta = {"contrast": contrast, "lesion_diameter_mm": 20.0 if label else None}
+        return Case("x", label, "tumour" if label else "healthy", meta, {"combined": score}, {}, np.zeros(0))
+
+    healthy = [case(0, "t1", s) for s in (0.0, 1.0, 2.0)] + [case(0, "pd", s) for s in (3.0, 4.0, 6.0, 7.0)]
+    lesions = [case(1, "t1", 2.5), case(1, "pd", 5.0), case(1, "unknown", 9.0)]
+    figures = contrast_metrics(healthy, lesions, {"study": {"combined": 3.5}}, ["combined"])
+    assert list(figures) == ["pd", "t1"]  # an unknown family gets no row
+    t1, pd = figures["t1"]["combined"], figures["pd"]["combined"]
+    assert (t1["n_healthy"], t1["n_lesion"], pd["n_healthy"], pd["n_lesion"]) == (3, 1, 4, 1)
+    assert t1["fpr"] == 0.0 and pd["fpr"] == pytest.approx(3 / 4)  # one threshold, PD's healthy studies score higher
+    assert pd["healthy_score_median"] == pytest.approx(5.0)
+    # against its own family: 2.5 beats every T1 healthy study; 5.0 beats 2 of 4 PD ones
+    assert t1["auroc"] == 1.0 and pd["auroc"] == pytest.approx(0.5)
+
+
 def test_dice_by_hand():
     a = np.zeros(10, bool)
     b = np.zeros(10, bool)
@@ -151,6 +171,8 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
     assert (split["unseen"]["combined"]["n_healthy"], split["unseen"]["combined"]["n_lesion"]) == (0, 1)
     assert set(metrics["anatomy"]["per_anatomy"]) == {"mni", "colin", "pycortex", "robex"}
     assert (report / "anatomy_scores.png").stat().st_size > 0
+    assert set(metrics["contrast"]) <= set(CONTRASTS) and sum(g["combined"]["n_lesion"] for g in metrics["contrast"].values()) == 2
+    assert (report / "contrast_scores.png").stat().st_size > 0 and "## By contrast family" in (report / "summary.md").read_text()
     assert "SYNTHETIC" in (report / "summary.md").read_text()
 
 
