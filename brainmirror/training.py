@@ -398,7 +398,7 @@ def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05
     if not 0 < study_fpr < 1 or not 0 < voxel_fpr < 1:
         raise ValueError("false-positive rates must lie strictly between 0 and 1")
     if len(studies) < 2:
-        raise ValueError("calibration needs at least 2 healthy studies (20 or more recommended)")
+        raise ValueError("calibration needs at least 2 healthy studies (60 or more recommended)")
     scores, voxels = healthy_scores(detector, studies, progress)
     study = {}
     for c, values in scores.items():
