@@ -56,9 +56,20 @@ def _sources(args: argparse.Namespace, stream: str, synthetic_default: int):
 def _training_config(args: argparse.Namespace):
     from .training import TrainingConfig
 
+    features = {"restorer_features": args.restorer_features} if getattr(args, "restorer_features", None) else {}
     return TrainingConfig(unet_steps=args.unet_steps, restorer_steps=args.restorer_steps, vae_steps=args.vae_steps,
-                          batch_size=args.batch_size,
+                          batch_size=args.batch_size, **features,
                           seed=args.seed, latent=args.latent, beta=args.beta)
+
+
+def _features(text: str) -> tuple[int, ...]:
+    try:
+        features = tuple(int(f) for f in text.split(","))
+    except ValueError:
+        features = ()
+    if len(features) != 6 or min(features) < 1:
+        raise argparse.ArgumentTypeError(f"six positive channel numbers separated by commas, not {text!r}")
+    return features
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | None, restorer_steps: int | None,
@@ -73,6 +84,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | N
     if restorer_steps is not None:
         parser.add_argument("--restorer-steps", type=int, default=restorer_steps,
                             help=f"restoration U-Net optimisation steps (default {restorer_steps})")
+        parser.add_argument("--restorer-features", type=_features, default=None, metavar="F0,...,F5",
+                            help="restoration U-Net channels per level, six numbers (default 16,16,32,64,128,16; "
+                                 "finetune: given, a new restorer is trained from scratch; not given, the base's "
+                                 "is fine-tuned)")
     parser.add_argument("--vae-steps", type=int, default=vae_steps, help=f"Beta-VAE optimisation steps (default {vae_steps})")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per U-Net step (default 16; the VAE uses twice this)")
     parser.add_argument("--latent", type=int, default=1024, help="Beta-VAE latent size (default 1024)")
@@ -105,9 +120,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     base = Detector.load(args.model, refit=True)  # its healthy statistics are refitted on the current preprocessing
     sources, description, anatomies = _sources(args, "train", 16)
-    train(sources, args.output, args.work / "finetune", _training_config(args),
+    config = _training_config(args)
+    if args.restorer_features is None:
+        config.restorer_features = tuple(base.metadata["network"]["restorer_features"])
+    train(sources, args.output, args.work / "finetune", config,
           f"fine-tuned from {base.version} on {description}", base=base, progress=not args.quiet,
-          anatomies=anatomies)
+          anatomies=anatomies, new_restorer=args.restorer_features is not None)
     print(f"fine-tuned model written to {args.output}; calibrate it next: "
           f"python -m brainmirror calibrate --model {args.output} --data <held-out normal studies>")
     return 0
@@ -119,7 +137,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     detector = Detector.load(args.model)
     sources, description, anatomies = _sources(args, "calibration", CALIBRATION_STUDIES)
-    studies = prepare(sources, args.work / "cache", progress=not args.quiet)
+    studies = list(prepare(sources, args.work / "cache", progress=not args.quiet).values())
     result = calibrate(detector, studies, args.study_fpr, args.voxel_fpr, description, progress=not args.quiet,
                        anatomies=anatomies)
     detector.save(args.model)
@@ -291,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="adapt a trained bundle to a site's normal studies",
                        description="Continue training a model bundle on a site's own normal studies, refit the "
-                                   "healthy statistics, and write a new bundle (calibrate it afterwards).")
+                                   "healthy statistics, and write a new bundle (calibrate it afterwards). Studies "
+                                   "the base recorded as normative stay normative; the others train the networks.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bundle to start from (default: the shipped model)")
     _add_data_arguments(p, 16, "the site's normal studies")
     _add_training_arguments(p, 500, 300, 300)

@@ -116,6 +116,10 @@ class Detector:
         return tuple(sorted({*self.metadata.get("training", {}).get("anatomies", []),
                              *self.metadata.get("calibration", {}).get("anatomies", [])}))
 
+    def normative_keys(self) -> tuple[str, ...]:
+        """The studies (``training.study_key``) its healthy statistics were fitted on, as recorded."""
+        return tuple(self.metadata.get("training", {}).get("normative_keys", []))
+
     @property
     def version(self) -> str:
         return str(self.metadata.get("version", __version__))

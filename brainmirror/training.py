@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
@@ -72,13 +73,20 @@ def cache_folder(cache: Path) -> Path:
     return cache / f"preprocessing-v{preprocess.PREPROCESSING_VERSION}-anatomies-{anatomies.version_tag()}"
 
 
-def prepare(sources: StudySource, cache: Path, progress: bool = True) -> list[Slices]:
-    """Preprocess every study once (cached per study and version, ``cache_folder``; a rerun resumes)."""
+def study_key(name: str) -> str:
+    """A study's key: a hash of its source name (its cache file; what a bundle records, not a path)."""
+    return hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+def prepare(sources: StudySource, cache: Path, progress: bool = True) -> dict[str, Slices]:
+    """Preprocess every study once (cached per study and version, ``cache_folder``; a rerun
+    resumes); the usable ones by ``study_key``, in source order."""
     cache = cache_folder(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    prepared = []
+    prepared = {}
     for name, load in tqdm(list(sources), desc="preprocess", disable=not progress, unit="study"):
-        path = cache / f"{hashlib.sha1(name.encode()).hexdigest()[:16]}.npz"
+        key = study_key(name)
+        path = cache / f"{key}.npz"
         if not path.exists():
             try:
                 slices = slice_volume(canonicalise(load()))
@@ -89,7 +97,7 @@ def prepare(sources: StudySource, cache: Path, progress: bool = True) -> list[Sl
             np.savez_compressed(tmp, image=slices.image, mask=slices.mask, z=slices.z)
             tmp.replace(path)
         with np.load(path) as data:
-            prepared.append(Slices(data["image"], data["mask"], data["z"]))
+            prepared[key] = Slices(data["image"], data["mask"], data["z"])
     return prepared
 
 
@@ -110,13 +118,23 @@ def folder_sources(root: Path) -> StudySource:
         yield f"{root}:{name}", (lambda image=image: image)
 
 
-def split(studies: list[Slices], config: TrainingConfig) -> tuple[list[Slices], list[Slices]]:
-    """Seeded split into the studies that fit networks and those that give healthy statistics."""
-    order = np.random.default_rng(config.seed).permutation(len(studies))
-    n_normative = max(2, int(round(config.normative_fraction * len(studies))))
-    fit, normative = [studies[i] for i in order[n_normative:]], [studies[i] for i in order[:n_normative]]
-    log.info("%d studies: %d fit, %d normative", len(studies), len(fit), len(normative))
-    return fit, normative
+def split(studies: dict[str, Slices], config: TrainingConfig,
+          normative_keys: Iterable[str] = ()) -> tuple[list[Slices], list[Slices], list[str]]:
+    """The studies that fit networks, those that give healthy statistics, and the latter's keys.
+
+    ``normative_keys``: a base bundle's normative studies; those among ``studies`` stay normative
+    and every other study fits networks, so that adding studies never moves one the networks have
+    seen into the statistics. Without two of them: a seeded split (``normative_fraction``).
+    """
+    keys, kept = list(studies), set(normative_keys)
+    normative = [k for k in keys if k in kept]
+    fit = [k for k in keys if k not in kept]
+    if len(normative) < 2:  # a site's own studies: none (or one) of the base's
+        order = [keys[i] for i in np.random.default_rng(config.seed).permutation(len(keys))]
+        n_normative = max(2, int(round(config.normative_fraction * len(keys))))
+        fit, normative = order[n_normative:], order[:n_normative]
+    log.info("%d studies: %d fit, %d normative", len(keys), len(fit), len(normative))
+    return [studies[k] for k in fit], [studies[k] for k in normative], normative
 
 
 # -- networks ------------------------------------------------------------------------------
@@ -177,6 +195,42 @@ def _checkpointed_loop(name: str, model: torch.nn.Module, steps: int, step_fn, c
     model.eval()
 
 
+class _Steps(torch.utils.data.Dataset):
+    """Batches ``make_batch(step)`` for the steps ``start`` to ``stop``, in order."""
+
+    def __init__(self, make_batch: Callable[[int], tuple], start: int, stop: int):
+        self.make_batch, self.start, self.stop = make_batch, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, k: int) -> tuple:
+        return self.make_batch(self.start + k)
+
+
+def data_workers(device: torch.device) -> int:
+    """Processes that make training batches: none on a CPU (its cores run the networks), else all
+    the cores this process may use but one, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores - 1) if device.type == "cuda" else 0
+
+
+def _prefetched(make_batch: Callable[[int], tuple], steps: int, workers: int) -> Callable[[int], tuple]:
+    """``make_batch`` as a function of the step, computed ahead by ``workers`` processes where there
+    are any (the same seeded batches as in the main process: only where they are computed differs)."""
+    state: dict = {"next": None}
+
+    def batch(i: int) -> tuple:
+        if state["next"] != i:  # first step, or a resumed run
+            state["batches"] = iter(torch.utils.data.DataLoader(
+                _Steps(make_batch, i, steps), batch_size=None, num_workers=workers,
+                prefetch_factor=4 if workers else None))
+        state["next"] = i + 1
+        return next(state["batches"])
+
+    return batch
+
+
 def train_reconstructor(fit: list[Slices], config: TrainingConfig, checkpoint_dir: Path,
                         device: torch.device, model: Reconstructor | None = None, progress: bool = True) -> Reconstructor:
     images = torch.from_numpy(np.concatenate([s.image for s in fit]))[:, None]
@@ -213,7 +267,7 @@ def train_restorer(fit: list[Slices], config: TrainingConfig, checkpoint_dir: Pa
     model = (model or Restorer(config.restorer_features)).to(device)
     reconstructor = reconstructor.to(device).eval()
 
-    def step(i: int) -> torch.Tensor:
+    def make_batch(i: int) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng([config.seed, 3, i])
         index = rng.integers(len(images), size=config.batch_size)
         clean, corrupted, weights = [], [], []
@@ -224,9 +278,13 @@ def train_restorer(fit: list[Slices], config: TrainingConfig, checkpoint_dir: Pa
             clean.append(images[j] * gain)
             corrupted.append(image)
             weights.append(weight)
-        as_tensor = lambda a: torch.from_numpy(np.stack(a)[:, None].astype(np.float32)).to(device)  # noqa: E731
-        x, target, weight = as_tensor(corrupted), as_tensor(clean), as_tensor(weights)
-        brain = torch.from_numpy(brains[index][:, None].astype(np.float32)).to(device)
+        as_tensor = lambda a: torch.from_numpy(np.stack(a)[:, None].astype(np.float32))  # noqa: E731
+        return as_tensor(corrupted), as_tensor(clean), as_tensor(weights), as_tensor(brains[index])
+
+    batches = _prefetched(make_batch, config.restorer_steps, data_workers(device))
+
+    def step(i: int) -> torch.Tensor:
+        x, target, weight, brain = (t.to(device) for t in batches(i))
         with torch.no_grad():
             reconstruction = rebuild_hemispheres(reconstructor, x, torch.ones(len(x), device=device)) * brain
         restored, where = model.restore_and_locate(x, reconstruction)
@@ -286,8 +344,11 @@ def fit_embedding_statistics(detector: Detector, normative: list[Slices], progre
 
 def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingConfig,
           data_description: str, base: Detector | None = None, progress: bool = True,
-          anatomies: tuple[str, ...] = ()) -> Detector:
+          anatomies: tuple[str, ...] = (), new_restorer: bool = False) -> Detector:
     """Train (or, with ``base``, fine-tune) a model bundle on healthy studies and save it.
+
+    ``new_restorer``: with ``base``, train a restorer of ``config.restorer_features`` from scratch
+    rather than fine-tune the base's.
 
     ``anatomies``: the virtual-cohort anatomies of the sources, recorded in the bundle (with those
     of its base) so that an evaluation knows which anatomies the model has seen.
@@ -297,12 +358,14 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
     studies = prepare(fit_sources, work / "cache", progress)
     if len(studies) < 4:
         raise ValueError(f"need at least 4 usable healthy studies, found {len(studies)}")
-    fit, normative = split(studies, config)
+    fit, normative, normative_keys = split(studies, config, base.normative_keys() if base else ())
 
     reconstructor = round_to_stored(train_reconstructor(fit, config, work / "checkpoints", device,
                                                         base.reconstructor if base else None, progress))
+    if new_restorer and not config.restorer_steps:
+        raise ValueError("a new restorer needs training steps")
     restorer = round_to_stored(train_restorer(fit, config, work / "checkpoints", device, reconstructor,
-                                              base.restorer if base else None, progress))
+                                              base.restorer if base and not new_restorer else None, progress))
     vae = base.vae if base else BetaVAE(latent=config.latent, channels=config.vae_channels)
     detector = Detector(reconstructor, restorer, vae, dict(base.normative) if base else {}, {}, device)
     fit_voxel_statistics(detector, normative, progress)
@@ -324,7 +387,7 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
         "intended_use": "Research only. NOT FOR CLINICAL USE.",
         "data_source": data_description,
         "preprocessing": preprocess.PREPROCESSING_VERSION,  # of the healthy statistics
-        "training": {"studies": len(fit), "normative_studies": len(normative),
+        "training": {"studies": len(fit), "normative_studies": len(normative), "normative_keys": normative_keys,
                      "slices": int(sum(len(s.z) for s in fit)), "date": date.today().isoformat(),
                      "fine_tuned_from": base.version if base else None,
                      "base_training": base.metadata.get("training") if base else None,
@@ -353,7 +416,7 @@ def train_raw_vae_baseline(fit_sources: StudySource, output: Path, work: Path, c
     studies = prepare(fit_sources, work / "cache", progress)
     if len(studies) < 4:
         raise ValueError(f"need at least 4 usable healthy studies, found {len(studies)}")
-    fit, normative = split(studies, config)
+    fit, normative, _ = split(studies, config)
     raw = np.concatenate([s.image[:, None] for s in fit]).astype(np.float32)
     vae = BetaVAE(in_channels=1, latent=config.latent, channels=config.vae_channels)
     vae = train_vae(raw, config, work / "baseline-checkpoints", default_device(), vae, progress)

@@ -388,6 +388,19 @@ def test_a_checkpoint_resumes_only_its_own_run(tmp_path):
     assert run("b") == 3  # other data or settings: trained afresh, not resumed
 
 
+def test_batches_made_by_worker_processes_are_the_main_process_batches():
+    """On a GPU machine the restorer's batches are made ahead by workers: the same seeded batches,
+    in step order, also when a run resumes part-way."""
+    from brainmirror.training import _prefetched
+
+    def make_batch(i: int) -> tuple[torch.Tensor]:
+        return (torch.from_numpy(np.random.default_rng([0, 3, i]).random(4)),)
+
+    inline, ahead = _prefetched(make_batch, 6, workers=0), _prefetched(make_batch, 6, workers=2)
+    for i in (0, 1, 2, 4, 5):  # step 3 skipped: a resumed run starts its batches afresh at step 4
+        assert torch.equal(inline(i)[0], make_batch(i)[0]) and torch.equal(ahead(i)[0], make_batch(i)[0])
+
+
 def test_reconstructor_withholds_the_mirror_when_asked():
     torch.manual_seed(0)
     net = Reconstructor((4, 4, 8, 8, 16, 4)).eval()
@@ -450,3 +463,23 @@ def test_training_disorders_share_nothing_with_the_evaluation_lesions():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {str(n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("lesion" in name or "cohort" in name for name in imported), imported
+
+
+def test_a_base_bundles_normative_studies_stay_normative_when_studies_are_added():
+    """Fine-tuning on more studies never moves a study the networks were trained on into the
+    healthy statistics, nor a normative one into training."""
+    from brainmirror.slicing import Slices
+    from brainmirror.training import TrainingConfig, split
+
+    def studies(n: int) -> dict[str, Slices]:
+        return {f"study-{i}": Slices(np.full((1, 96, 112), i, np.float32), np.ones((1, 96, 112), bool), np.array([i]))
+                for i in range(n)}
+
+    config = TrainingConfig()
+    fit, normative, keys = split(studies(48), config)
+    assert (len(fit), len(normative)) == (36, 12) and split(studies(48), config)[2] == keys  # seeded
+    more_fit, more_normative, more_keys = split(studies(84), config, keys)
+    assert sorted(more_keys) == sorted(keys) and len(more_fit) == 72
+    trained = {int(s.z[0]) for s in fit}
+    assert trained <= {int(s.z[0]) for s in more_fit} and not trained & {int(s.z[0]) for s in more_normative}
+    assert sorted(split(studies(84), config)[2]) != sorted(keys)  # no base: a fresh seeded split of all 84
