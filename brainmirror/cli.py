@@ -56,9 +56,9 @@ def _sources(args: argparse.Namespace, stream: str, synthetic_default: int):
 def _training_config(args: argparse.Namespace):
     from .training import TrainingConfig
 
-    features = {"restorer_features": args.restorer_features} if getattr(args, "restorer_features", None) else {}
     return TrainingConfig(unet_steps=args.unet_steps, restorer_steps=args.restorer_steps, vae_steps=args.vae_steps,
-                          batch_size=args.batch_size, **features,
+                          batch_size=args.batch_size,
+                          restorer_features=getattr(args, "restorer_features", None) or TrainingConfig.restorer_features,
                           seed=args.seed, latent=args.latent, beta=args.beta)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -119,16 +119,16 @@ def folder_sources(root: Path) -> StudySource:
 
 
 def split(studies: dict[str, Slices], config: TrainingConfig,
-          normative_keys: Iterable[str] = ()) -> tuple[list[Slices], list[Slices], list[str]]:
+          normative_keys: Collection[str] = ()) -> tuple[list[Slices], list[Slices], list[str]]:
     """The studies that fit networks, those that give healthy statistics, and the latter's keys.
 
     ``normative_keys``: a base bundle's normative studies; those among ``studies`` stay normative
     and every other study fits networks, so that adding studies never moves one the networks have
     seen into the statistics. Without two of them: a seeded split (``normative_fraction``).
     """
-    keys, kept = list(studies), set(normative_keys)
-    normative = [k for k in keys if k in kept]
-    fit = [k for k in keys if k not in kept]
+    keys = list(studies)
+    normative = [k for k in dict.fromkeys(normative_keys) if k in studies]  # in the base's order
+    fit = [k for k in keys if k not in normative_keys]
     if len(normative) < 2:  # a site's own studies: none (or one) of the base's
         order = [keys[i] for i in np.random.default_rng(config.seed).permutation(len(keys))]
         n_normative = max(2, int(round(config.normative_fraction * len(keys))))

@@ -64,6 +64,7 @@ def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
     metadata = json.loads((model / "configs" / "metadata.json").read_text())
     assert metadata["network"]["latent"] == 16
     assert metadata["training"]["studies"] == 2 and metadata["training"]["normative_studies"] == 2  # at least 2 held out
+    assert len(set(metadata["training"]["normative_keys"])) == 2
     assert metadata["training"]["anatomies"] == []  # site data: no virtual-cohort anatomy seen
     for name in ("reconstruction.pt", "restoration.pt", "embedding.pt", "normative.npz"):
         assert (model / "models" / name).exists()
@@ -75,9 +76,12 @@ def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
 
     tuned = tmp_path / "tuned"
     proc = brainmirror("finetune", "--model", str(model), "--data", str(data), "--output", str(tuned),
-                       "--work", str(work), *small)
+                       "--work", str(work), "--restorer-features", "4,4,8,8,16,4", *small)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tuned / "configs" / "metadata.json").read_text())["training"]["fine_tuned_from"]
+    tuned_metadata = json.loads((tuned / "configs" / "metadata.json").read_text())
+    assert tuned_metadata["training"]["fine_tuned_from"] and tuned_metadata["network"]["restorer_features"] == [4, 4, 8, 8, 16, 4]
+    assert tuned_metadata["training"]["normative_keys"] == metadata["training"]["normative_keys"]  # the base's stay normative
+    assert torch.load(tuned / "models" / "restoration.pt")["unet.conv_0.conv_0.conv.weight"].shape[0] == 4  # new, that size
 
     refitted = tmp_path / "refitted"  # no steps: the healthy statistics are refitted, the networks kept
     proc = brainmirror("finetune", "--model", str(model), "--data", str(data), "--output", str(refitted), "--work",

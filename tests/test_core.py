@@ -479,7 +479,7 @@ def test_a_base_bundles_normative_studies_stay_normative_when_studies_are_added(
     fit, normative, keys = split(studies(48), config)
     assert (len(fit), len(normative)) == (36, 12) and split(studies(48), config)[2] == keys  # seeded
     more_fit, more_normative, more_keys = split(studies(84), config, keys)
-    assert sorted(more_keys) == sorted(keys) and len(more_fit) == 72
+    assert more_keys == keys and len(more_fit) == 72
     trained = {int(s.z[0]) for s in fit}
     assert trained <= {int(s.z[0]) for s in more_fit} and not trained & {int(s.z[0]) for s in more_normative}
     assert sorted(split(studies(84), config)[2]) != sorted(keys)  # no base: a fresh seeded split of all 84
