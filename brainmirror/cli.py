@@ -142,7 +142,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                        anatomies=anatomies)
     detector.save(args.model)
     for name, c in result["study"].items():
-        print(f"{name:9s} threshold {c['threshold']:8.3f}  FPR {c['fpr']:.1%} (observed {c['observed_fpr']:.1%} on {c['n_studies']} studies)")
+        print(f"{name:9s} threshold {c['threshold']:8.3f}  FPR {c['fpr']:.1%} (observed {c['observed_fpr']:.1%} on {c['n_studies']} "
+              f"studies; the true FPR is below {c['fpr_upper_95']:.1%} with 95 % confidence)")
     v = result["voxel"]
     print(f"voxel     threshold {v['threshold']:8.3f}  FPR {v['fpr']:.1%} (observed {v['observed_fpr']:.2%} of {v['n_voxels']} voxels)")
     return 0

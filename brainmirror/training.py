@@ -441,6 +441,18 @@ def threshold_at_fpr(healthy_values: np.ndarray, fpr: float) -> float:
     return float(np.quantile(np.asarray(healthy_values, dtype=float), 1 - fpr, method="higher"))
 
 
+def fpr_upper_bound(n_healthy: int, n_above: int, confidence: float = 0.95) -> float:
+    """Upper confidence bound of the true false-positive rate at a threshold that ``n_above`` of
+    ``n_healthy`` independent healthy scores exceed (distribution-free: the threshold is their
+    ``n_healthy - n_above``-th order statistic, and the healthy probability mass above it follows
+    Beta(n_above + 1, n_healthy - n_above))."""
+    from scipy.stats import beta
+
+    if not 0 <= n_above < n_healthy:
+        raise ValueError(f"need 0 <= n_above < n_healthy, got {n_above} of {n_healthy}")
+    return float(beta.ppf(confidence, n_above + 1, n_healthy - n_above))
+
+
 def healthy_scores(detector: Detector, studies: list[Slices], progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Study scores per configuration and all brain voxel scores, for healthy studies."""
     scores: dict[str, list[float]] = {c: [] for c in CONFIGURATIONS}
@@ -466,8 +478,9 @@ def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05
     study = {}
     for c, values in scores.items():
         threshold = threshold_at_fpr(values, study_fpr)
-        study[c] = {"threshold": threshold, "fpr": study_fpr, "observed_fpr": float((values > threshold).mean()),
-                    "n_studies": len(values)}
+        above = int((values > threshold).sum())
+        study[c] = {"threshold": threshold, "fpr": study_fpr, "observed_fpr": above / len(values),
+                    "n_studies": len(values), "fpr_upper_95": fpr_upper_bound(len(values), above)}
     voxel_threshold = threshold_at_fpr(voxels, voxel_fpr)
     calibration = {
         "study": study,

@@ -33,6 +33,10 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
 - ``offset``: how much the anatomy decides a healthy study's value: the spread of the per-anatomy
   medians of the healthy twins over their pooled within-anatomy sd (0: none; about 1: an anatomy
   shifts a healthy study as much as healthy variation does);
+- ``visible`` (per map, by lesion volume): share of focal pairs whose lesion reaches above its
+  twin's hot spots, the map's maximum inside the lesion above the twin's 99.9th brain percentile
+  (the top 0.1 %, about 200 voxels); a lesion no map shows cannot move any top-k statistic, so this
+  is the ceiling of the study statistics that a map allows;
 - ``unseen FPR``: share of the twins of anatomies the model has not seen (not in the bundle's
   record) above the 95th percentile of the twins of seen anatomies (about 0.05 when an unseen
   anatomy scores like a seen one).
@@ -77,6 +81,8 @@ FIRST_INDEX = 2000  # development-stream indices of this script (other diagnosti
 MAPS = ("flip", "residual", "context", "restored", "voxel", "disorder", "anomaly", "tissue")
 INTENSITY_MAPS = ("flip", "residual", "context", "restored")
 FOCAL_MIN_MM = 10.0
+SMALL_ML = 2.0  # lesion volume that splits the visibility and study figures (descriptive, not tuned)
+VISIBLE_QUANTILE = 0.999
 
 
 def canonical_pair(subject) -> tuple[Slices, Slices, np.ndarray]:
@@ -181,8 +187,10 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
         contrast_in_lesion = float(np.abs(slices.image - twin_slices.image)[truth].mean()) if truth.any() else 0.0
         recovered = {m: float((lesion_maps[m] - twin_maps[m])[truth].mean()) / max(contrast_in_lesion, 1e-6)
                      for m in INTENSITY_MAPS} if truth.any() else {}
+        visible = {m: float(lesion_maps[m][truth].max() / max(np.quantile(twin_maps[m][slices.mask], VISIBLE_QUANTILE), 1e-6))
+                   for m in MAPS} if truth.any() else {}
         raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "truth")}
-                   | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered,
+                   | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered, "visible": visible,
                       "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
                       "lesion_slices": truth.any(axis=(1, 2))})
 
@@ -198,7 +206,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                     stats[f"{m}:{name}"] = value
             figures.append(stats)
         pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "lesion_contrast",
-                                        "recovered")} | {"lesion": figures[0], "twin": figures[1],
+                                        "recovered", "visible")} | {"lesion": figures[0], "twin": figures[1],
                                                          "slice_scores": [{c: v.tolist() for c, v in side.items()}
                                                                           for side in r["scores"]],
                                                          "lesion_slices": r["lesion_slices"].tolist()})
@@ -243,6 +251,18 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
               + " ".join(f"{v:5.2f}" for v in row["paired_by_contrast"].values()))
     print("\nrecovered share of the lesion contrast inside the lesion (median over focal pairs; oracle 1.0): "
           + ", ".join(f"{m} {np.median([p['recovered'][m] for p in focal if p['recovered']]):.2f}" for m in INTENSITY_MAPS))
+    by_size = {"small": [p for p in focal if p["visible"] and p["volume_ml"] < SMALL_ML],
+               "large": [p for p in focal if p["visible"] and p["volume_ml"] >= SMALL_ML]}
+    twins = [p["twin"]["study:combined"] for p in pairs]
+    print(f"\nby lesion volume (focal pairs < {SMALL_ML:g} ml / >= {SMALL_ML:g} ml: {len(by_size['small'])} / {len(by_size['large'])})")
+    print("visible (lesion's peak above its twin's 99.9th brain percentile): "
+          + ", ".join(f"{m} " + " / ".join(f"{np.mean([p['visible'][m] > 1 for p in ps]):.2f}" if ps else "-"
+                                           for ps in by_size.values()) for m in MAPS))
+    for name, ps in by_size.items():
+        if ps:
+            auroc = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
+            print(f"study:combined, {name} lesions: paired {np.mean([p['lesion']['study:combined'] > p['twin']['study:combined'] for p in ps]):.2f}, "
+                  f"pooled AUROC {auroc:.2f}")
     print(f"\nvoxel level over the {len(focal_raw)} focal lesion studies, threshold: the map's healthy 99th percentile")
     print(f"{'map':10s} {'AUPRC':>6s} {'Dice':>6s}   " + " ".join(f"{k[:6]:>6s}" for k in voxel[MAPS[0]]["dice_by_kind"]))
     for m, v in voxel.items():

@@ -16,7 +16,7 @@ from brainmirror.difference_maps import ANOMALY_MAP_VERSION, anomaly_map, raw_vo
 from brainmirror.networks import Reconstructor, checkerboard, hemispheres, training_mask
 from brainmirror.slicing import slice_volume
 from brainmirror.study_statistic import FEATURES, position_statistics, slice_features
-from brainmirror.training import threshold_at_fpr
+from brainmirror.training import fpr_upper_bound, threshold_at_fpr
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
 requires_model = pytest.mark.skipif(not (MODEL_DIR / "brainmirror" / "configs" / "metadata.json").exists(),
@@ -139,6 +139,22 @@ def test_threshold_at_fpr_gives_the_requested_false_positive_rate():
         for fpr in (0.01, 0.05, 0.2):
             observed = (values > threshold_at_fpr(values, fpr)).mean()
             assert fpr - 1 / n - 1e-12 <= observed <= fpr + 1e-12
+
+
+def test_the_fpr_bound_covers_the_true_fpr_of_a_calibrated_threshold_95_percent_of_the_time():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    for n, fpr in ((24, 0.05), (60, 0.05), (200, 0.1)):
+        covered = []
+        for _ in range(2000):
+            values = rng.normal(size=n)
+            threshold = threshold_at_fpr(values, fpr)
+            covered.append(norm.sf(threshold) <= fpr_upper_bound(n, int((values > threshold).sum())))
+        assert 0.93 <= np.mean(covered) <= 0.97  # a bound without the order statistics' Beta law misses this
+    assert fpr_upper_bound(60, 2) > 0.05  # 60 studies cannot promise 5 % tightly: about 10 %
+    with pytest.raises(ValueError):
+        fpr_upper_bound(10, 10)
 
 
 def test_position_statistics_pool_neighbouring_slices():

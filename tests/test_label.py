@@ -313,6 +313,8 @@ def test_calibrate_uses_confirmed_normals_only(local):
     expected = threshold_at_fpr(np.array([scores[i] for i in normals]), fpr)
     assert report["new"]["study_threshold"] == pytest.approx(expected, rel=1e-5)
     assert report["new"]["n_studies"] == 3
+    # three normals cannot promise 5 %: the report says how far the true FPR may be off
+    assert report["new"]["study_fpr_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 3), rel=1e-6)
     with_abnormal = threshold_at_fpr(np.array([scores[i] for i in [*normals, abnormal]]), fpr)
     assert report["new"]["study_threshold"] != pytest.approx(with_abnormal)  # it was left out
     # direction: with fewer than 1/FPR normals the quantile is their highest score, so the threshold

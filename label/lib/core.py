@@ -79,7 +79,8 @@ def study_thresholds(metadata: dict) -> dict[str, float]:
     voxel = calibration.get("voxel", {})
     return {"study_threshold": study.get("threshold"), "study_fpr": study.get("fpr"),
             "voxel_threshold": voxel.get("threshold"), "voxel_fpr": voxel.get("fpr"),
-            "n_studies": study.get("n_studies"), "data_source": calibration.get("data_source", "")}
+            "n_studies": study.get("n_studies"), "study_fpr_upper_95": study.get("fpr_upper_95"),
+            "data_source": calibration.get("data_source", "")}
 
 
 # -- studies ---------------------------------------------------------------------------------
