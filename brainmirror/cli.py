@@ -118,6 +118,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .training import train
 
+    if args.restorer_features is not None and args.restorer_steps < 1:
+        raise SystemExit("error: --restorer-features trains a new restorer from scratch: give it --restorer-steps")
     base = Detector.load(args.model, refit=True)  # its healthy statistics are refitted on the current preprocessing
     sources, description, anatomies = _sources(args, "train", 16)
     config = _training_config(args)

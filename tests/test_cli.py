@@ -48,6 +48,13 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_new_restorer_without_steps_is_a_clear_error(tmp_path):
+    proc = brainmirror("finetune", "--synthetic", "4", "--restorer-features", "4,4,8,8,16,4", "--restorer-steps", "0",
+                       "--output", str(tmp_path / "m"), "--work", str(tmp_path / "w"), timeout=120)
+    assert proc.returncode != 0 and "--restorer-steps" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()  # refused before any work
+
+
 @pytest.mark.slow
 def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
     """Tiny budgets: checks the commands and the bundle they write, not the model quality."""
