@@ -23,13 +23,14 @@ BOTH_SIDES = 0.3  # probability that a disorder also appears at the mirror posit
 SHIFT_FRACTION = 0.6  # the rest are foreign patches
 
 
-def shape(rng: np.random.Generator, brain: np.ndarray) -> np.ndarray:
-    """A smooth, irregular weight in [0, 1] centred on a random brain pixel (zero outside the brain)."""
+def shape(rng: np.random.Generator, brain: np.ndarray, diameter_mm: float | None = None) -> np.ndarray:
+    """A smooth, irregular weight in [0, 1] centred on a random brain pixel (zero outside the brain),
+    of a random diameter in ``DIAMETER_MM`` unless one is given."""
     ys, xs = np.nonzero(brain)
     if len(ys) == 0:
         return np.zeros(brain.shape, np.float32)
     i = rng.integers(len(ys))
-    radius = rng.uniform(*DIAMETER_MM) / PIXEL_MM / 2
+    radius = (diameter_mm or rng.uniform(*DIAMETER_MM)) / PIXEL_MM / 2
     elongation, angle = rng.uniform(0.6, 1.4), rng.uniform(0, np.pi)
     yy, xx = np.mgrid[: brain.shape[0], : brain.shape[1]].astype(np.float32)
     dy, dx = yy - ys[i], xx - xs[i]

@@ -37,6 +37,12 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
   twin's hot spots, the map's maximum inside the lesion above the twin's 99.9th brain percentile
   (the top 0.1 %, about 200 voxels); a lesion no map shows cannot move any top-k statistic, so this
   is the ceiling of the study statistics that a map allows;
+- ``own disorders`` (per model): the restorer's own kind of disorder (``disorders.shape`` of 8, 16
+  and 32 mm, intensity shift +-0.3) added to four slices of every healthy twin: the median share
+  of it that the restored and the mirror-informed residual recover inside it (1: removed, 0:
+  kept), and how often the disorder probability's peak inside it rises above the twin's 99.9th
+  brain percentile, for the anatomies the model has seen and the others apart. A restorer that
+  keeps these has not learned what it was trained for, whatever the lesions do;
 - ``unseen FPR``: share of the twins of anatomies the model has not seen (not in the bundle's
   record) above the 95th percentile of the twins of seen anatomies (about 0.05 when an unseen
   anatomy scores like a seen one).
@@ -69,9 +75,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.mixture import GaussianMixture
 from tqdm import tqdm
 
+from brainmirror import disorders
 from brainmirror.anatomies import ANATOMIES, TRAINING_ANATOMIES
 from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
 from brainmirror.detector import Detector
+from brainmirror.healthy_reference import rebuild
 from brainmirror.slicing import Slices, slice_volume
 from brainmirror.study_statistic import CONFIGURATIONS, study_score
 from brainmirror.lesions import FOCAL_KINDS
@@ -83,6 +91,8 @@ INTENSITY_MAPS = ("flip", "residual", "context", "restored")
 FOCAL_MIN_MM = 10.0
 SMALL_ML = 2.0  # lesion volume that splits the visibility and study figures (descriptive, not tuned)
 VISIBLE_QUANTILE = 0.999
+OWN_DIAMETERS_MM = (8.0, 16.0, 32.0)
+OWN_SHIFT = 0.3
 
 
 def canonical_pair(subject) -> tuple[Slices, Slices, np.ndarray]:
@@ -120,6 +130,30 @@ def study_maps(detector: Detector, slices: Slices) -> tuple[dict[str, np.ndarray
                "restored": maps.restoration_residual, "voxel": maps.voxel_score, "disorder": maps.disorder, "anomaly": maps.anomaly,
                "tissue": tissue_z(maps.residual, maps.reconstruction, slices.mask)}
     return volumes, scores
+
+
+def own_disorders(detector: Detector, twin: Slices, twin_disorder: np.ndarray, rng: np.random.Generator) -> list[tuple]:
+    """(diameter, share recovered by the restored residual, by the mirror-informed one, disorder
+    probability visible) for a disorder of the restorer's own kind added to four of ``twin``'s slices
+    per diameter; ``twin_disorder``: the twin's own disorder probability (its 99.9th percentile is
+    the bar)."""
+    bar = np.quantile(twin_disorder[twin.mask], VISIBLE_QUANTILE)
+    rows = []
+    for diameter in OWN_DIAMETERS_MM:
+        candidates = np.flatnonzero(twin.mask.mean(axis=(1, 2)) > 0.25)
+        if not len(candidates):
+            break
+        chosen = rng.choice(candidates, min(4, len(candidates)), replace=False)
+        weights = np.stack([disorders.shape(rng, twin.mask[i], diameter) for i in chosen])
+        signs = rng.choice([-1.0, 1.0], size=len(chosen))[:, None, None]
+        image = (np.clip(twin.image[chosen] + signs * OWN_SHIFT * weights, 0, 2) * twin.mask[chosen]).astype(np.float32)
+        reference = rebuild(detector.reconstructor, detector.restorer, Slices(image, twin.mask[chosen], twin.z[chosen]))
+        for j, inside in enumerate(weights > 0.5):
+            if inside.sum() >= 3:
+                recovered = [float(((image[j] - r[j]) * signs[j])[inside].mean() / OWN_SHIFT)
+                             for r in (reference.restored, reference.mirrored)]
+                rows.append((diameter, *recovered, bool(reference.disorder[j][inside].max() > bar)))
+    return rows
 
 
 def map_statistics(volume: np.ndarray, brain: np.ndarray, threshold: float) -> dict[str, float]:
@@ -179,11 +213,12 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     """Print the ladder of one model bundle on the pairs; return its figures."""
     detector = Detector.load(model)
     seen = detector.anatomies() or TRAINING_ANATOMIES
-    raw = []
+    raw, own, rng = [], [], np.random.default_rng(0)
     for made_pair in tqdm(made, desc=f"maps {model}", unit="pair"):
         (slices, twin_slices), truth = made_pair["slices"], made_pair["truth"]
         lesion_maps, lesion_scores = study_maps(detector, slices)
         twin_maps, twin_scores = study_maps(detector, twin_slices)
+        own += [(made_pair["anatomy"] in seen, *row) for row in own_disorders(detector, twin_slices, twin_maps["disorder"], rng)]
         contrast_in_lesion = float(np.abs(slices.image - twin_slices.image)[truth].mean()) if truth.any() else 0.0
         recovered = {m: float((lesion_maps[m] - twin_maps[m])[truth].mean()) / max(contrast_in_lesion, 1e-6)
                      for m in INTENSITY_MAPS} if truth.any() else {}
@@ -263,11 +298,23 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
             auroc = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
             print(f"study:combined, {name} lesions: paired {np.mean([p['lesion']['study:combined'] > p['twin']['study:combined'] for p in ps]):.2f}, "
                   f"pooled AUROC {auroc:.2f}")
+    own_disorder = {}
+    print(f"\nown disorders (restorer's training kind, shift +-{OWN_SHIFT:g}, on the twins' slices): share recovered by the "
+          "restored / mirror-informed residual, and how often the disorder probability shows it")
+    for label, group in (("seen", [r[1:] for r in own if r[0]]), ("unseen", [r[1:] for r in own if not r[0]])):
+        if group:
+            own_disorder[label] = {f"{d:g}": {"restored": float(np.median([r[1] for r in group if r[0] == d])),
+                                              "mirrored": float(np.median([r[2] for r in group if r[0] == d])),
+                                              "disorder_visible": float(np.mean([r[3] for r in group if r[0] == d]))}
+                                   for d in OWN_DIAMETERS_MM}
+            print(f"  {label:6s} anatomies: " + ", ".join(f"{d} mm {v['restored']:.2f} / {v['mirrored']:.2f}, visible {v['disorder_visible']:.2f}"
+                                                        for d, v in own_disorder[label].items()))
     print(f"\nvoxel level over the {len(focal_raw)} focal lesion studies, threshold: the map's healthy 99th percentile")
     print(f"{'map':10s} {'AUPRC':>6s} {'Dice':>6s}   " + " ".join(f"{k[:6]:>6s}" for k in voxel[MAPS[0]]["dice_by_kind"]))
     for m, v in voxel.items():
         print(f"{m:10s} {v['auprc']:6.3f} {v['dice']:6.3f}   " + " ".join(f"{d:6.3f}" for d in v["dice_by_kind"].values()))
-    return {"model": str(model), "pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds}
+    return {"model": str(model), "pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds,
+            "own_disorders": own_disorder}
 
 
 def main() -> None:

@@ -468,6 +468,19 @@ def test_training_disorders_change_only_the_brain_inside_their_weight():
     assert 0 < clean < 30 and {-1, 1} <= signs
 
 
+def test_a_training_disorder_of_a_given_diameter_has_about_that_size():
+    """``disorders.shape(..., diameter_mm)`` (the evidence ladder's own-disorder check): the core of
+    a shape (weight > 0.5) covers about the disc of that diameter on the 2 mm slice grid."""
+    from brainmirror import disorders
+
+    _, mask = preprocess.template()
+    brain = mask[:, :, 40]
+    for diameter in (8.0, 32.0):
+        disc = np.pi * (diameter / disorders.PIXEL_MM / 2) ** 2
+        areas = [(disorders.shape(np.random.default_rng(seed), brain, diameter) > 0.5).sum() for seed in range(20)]
+        assert 0.3 * disc < np.median(areas) < 2.0 * disc, (diameter, disc, np.median(areas))
+
+
 def test_training_disorders_share_nothing_with_the_evaluation_lesions():
     """The evaluation stays a test of generalisation: the disorder generator imports no lesion code."""
     import ast
