@@ -30,7 +30,7 @@ def shape(rng: np.random.Generator, brain: np.ndarray, diameter_mm: float | None
     if len(ys) == 0:
         return np.zeros(brain.shape, np.float32)
     i = rng.integers(len(ys))
-    radius = (diameter_mm or rng.uniform(*DIAMETER_MM)) / PIXEL_MM / 2
+    radius = (rng.uniform(*DIAMETER_MM) if diameter_mm is None else diameter_mm) / PIXEL_MM / 2
     elongation, angle = rng.uniform(0.6, 1.4), rng.uniform(0, np.pi)
     yy, xx = np.mgrid[: brain.shape[0], : brain.shape[1]].astype(np.float32)
     dy, dx = yy - ys[i], xx - xs[i]

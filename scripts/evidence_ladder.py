@@ -138,11 +138,9 @@ def own_disorders(detector: Detector, twin: Slices, twin_disorder: np.ndarray, r
     per diameter; ``twin_disorder``: the twin's own disorder probability (its 99.9th percentile is
     the bar)."""
     bar = np.quantile(twin_disorder[twin.mask], VISIBLE_QUANTILE)
+    candidates = np.flatnonzero(twin.mask.mean(axis=(1, 2)) > 0.25)  # slices with a quarter brain or more
     rows = []
-    for diameter in OWN_DIAMETERS_MM:
-        candidates = np.flatnonzero(twin.mask.mean(axis=(1, 2)) > 0.25)
-        if not len(candidates):
-            break
+    for diameter in OWN_DIAMETERS_MM if len(candidates) else ():
         chosen = rng.choice(candidates, min(4, len(candidates)), replace=False)
         weights = np.stack([disorders.shape(rng, twin.mask[i], diameter) for i in chosen])
         signs = rng.choice([-1.0, 1.0], size=len(chosen))[:, None, None]
