@@ -37,6 +37,12 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
   twin's hot spots, the map's maximum inside the lesion above the twin's 99.9th brain percentile
   (the top 0.1 %, about 200 voxels); a lesion no map shows cannot move any top-k statistic, so this
   is the ceiling of the study statistics that a map allows;
+- ``ceiling at 5 % FPR`` (per map, by lesion volume): share of focal pairs whose peak inside the
+  lesion exceeds the 95th percentile of the healthy twins' brain maxima, every anatomy and
+  contrast together: the sensitivity at a 5 % study FPR of a verdict on the map's maximum even if
+  it knew where the lesion was. ``visible`` compares a lesion with its own twin; this compares it
+  with every healthy study a threshold has to pass, so a map whose healthy maxima vary from study
+  to study caps every study statistic here, whichever is chosen;
 - ``own disorders`` (per model): the restorer's own kind of disorder (``disorders.shape`` of 8, 16
   and 32 mm, intensity shift +-0.3) added to four slices of every healthy twin: the median share
   of it that the restored and the mirror-informed residual recover inside it (1: removed, 0:
@@ -222,8 +228,11 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                      for m in INTENSITY_MAPS} if truth.any() else {}
         visible = {m: float(lesion_maps[m][truth].max() / max(np.quantile(twin_maps[m][slices.mask], VISIBLE_QUANTILE), 1e-6))
                    for m in MAPS} if truth.any() else {}
+        peak = {m: float(lesion_maps[m][truth].max()) for m in MAPS} if truth.any() else {}
+        healthy_max = {m: float(twin_maps[m][slices.mask].max()) for m in MAPS}
         raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "truth")}
                    | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered, "visible": visible,
+                      "peak": peak, "healthy_max": healthy_max,
                       "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
                       "lesion_slices": truth.any(axis=(1, 2))})
 
@@ -239,7 +248,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                     stats[f"{m}:{name}"] = value
             figures.append(stats)
         pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "lesion_contrast",
-                                        "recovered", "visible")} | {"lesion": figures[0], "twin": figures[1],
+                                        "recovered", "visible", "peak", "healthy_max")} | {"lesion": figures[0], "twin": figures[1],
                                                          "slice_scores": [{c: v.tolist() for c, v in side.items()}
                                                                           for side in r["scores"]],
                                                          "lesion_slices": r["lesion_slices"].tolist()})
@@ -291,6 +300,11 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     print("visible (lesion's peak above its twin's 99.9th brain percentile): "
           + ", ".join(f"{m} " + " / ".join(f"{np.mean([p['visible'][m] > 1 for p in ps]):.2f}" if ps else "-"
                                            for ps in by_size.values()) for m in MAPS))
+    bars = {m: float(np.quantile([p["healthy_max"][m] for p in pairs], 0.95)) for m in MAPS}
+    ceiling = {m: {name: float(np.mean([p["peak"][m] > bars[m] for p in ps])) if ps else float("nan")
+                   for name, ps in by_size.items()} for m in MAPS}
+    print("ceiling at 5 % FPR (lesion's peak above the 95th percentile of the twins' brain maxima): "
+          + ", ".join(f"{m} " + " / ".join(f"{v:.2f}" for v in ceiling[m].values()) for m in MAPS))
     for name, ps in by_size.items():
         if ps:
             auroc = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
@@ -312,7 +326,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     for m, v in voxel.items():
         print(f"{m:10s} {v['auprc']:6.3f} {v['dice']:6.3f}   " + " ".join(f"{d:6.3f}" for d in v["dice_by_kind"].values()))
     return {"model": str(model), "pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds,
-            "own_disorders": own_disorder}
+            "own_disorders": own_disorder, "ceiling": ceiling}
 
 
 def main() -> None:
