@@ -43,6 +43,10 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
   it knew where the lesion was. ``visible`` compares a lesion with its own twin; this compares it
   with every healthy study a threshold has to pass, so a map whose healthy maxima vary from study
   to study caps every study statistic here, whichever is chosen;
+- ``where the twins' hot spots lie`` (per map): the shares of the twins' top 0.1 % brain voxels at
+  the intensity floor (as dark as the brain's darkest 1 %), above its 99th percentile, and within
+  6 mm of the brain mask's edge, over every twin and over the fifth with the highest maxima (those
+  that set a study threshold, and so the ceiling above);
 - ``own disorders`` (per model): the restorer's own kind of disorder (``disorders.shape`` of 8, 16
   and 32 mm, intensity shift +-0.3) added to four slices of every healthy twin: the median share
   of it that the restored and the mirror-informed residual recover inside it (1: removed, 0:
@@ -99,6 +103,9 @@ SMALL_ML = 2.0  # lesion volume that splits the visibility and study figures (de
 VISIBLE_QUANTILE = 0.999
 OWN_DIAMETERS_MM = (8.0, 16.0, 32.0)
 OWN_SHIFT = 0.3
+FLOOR_LEVEL = 0.05  # canonical intensity at the floor: ``normalise`` clips the brain's 1st percentile to 0
+BRIGHT_LEVEL = 1.0  # canonical intensity of the brain's 99th percentile
+EDGE_MM = 6.0
 
 
 def canonical_pair(subject) -> tuple[Slices, Slices, np.ndarray]:
@@ -158,6 +165,21 @@ def own_disorders(detector: Detector, twin: Slices, twin_disorder: np.ndarray, r
                              for r in (reference.restored, reference.mirrored)]
                 rows.append((diameter, *recovered, bool(reference.disorder[j][inside].max() > bar)))
     return rows
+
+
+def hot_spot_places(image: np.ndarray, brain: np.ndarray) -> dict[str, np.ndarray]:
+    """Where a healthy hot spot may lie: at the intensity floor (as dark as the brain's darkest 1 %:
+    a T1's or FLAIR's darkest CSF, a T2's darkest white matter, bone or air that the brain mask took
+    in), above the brain's 99th percentile, within ``EDGE_MM`` of the mask's edge (in-plane and across
+    slices)."""
+    depth_mm = ndimage.distance_transform_edt(np.pad(brain, 1), sampling=SPACING_MM)[1:-1, 1:-1, 1:-1]
+    return {"floor": brain & (image < FLOOR_LEVEL), "bright": brain & (image > BRIGHT_LEVEL), "edge": brain & (depth_mm < EDGE_MM)}
+
+
+def hot_spot_census(volume: np.ndarray, image: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    """The shares of a map's top 0.1 % brain voxels at each of ``hot_spot_places``."""
+    top = brain & (volume >= np.quantile(volume[brain], VISIBLE_QUANTILE))
+    return {where: float(np.mean(place[top])) for where, place in hot_spot_places(image, brain).items()}
 
 
 def map_statistics(volume: np.ndarray, brain: np.ndarray, threshold: float) -> dict[str, float]:
@@ -230,9 +252,12 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                    for m in MAPS} if truth.any() else {}
         peak = {m: float(lesion_maps[m][truth].max()) for m in MAPS} if truth.any() else {}
         healthy_max = {m: float(twin_maps[m][slices.mask].max()) for m in MAPS}
+        hot_spots = {m: hot_spot_census(twin_maps[m], twin_slices.image, slices.mask) for m in MAPS}
+        hot_spots["brain"] = {where: float(np.mean(place[slices.mask]))
+                              for where, place in hot_spot_places(twin_slices.image, slices.mask).items()}
         raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "truth")}
                    | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered, "visible": visible,
-                      "peak": peak, "healthy_max": healthy_max,
+                      "peak": peak, "healthy_max": healthy_max, "hot_spots": hot_spots,
                       "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
                       "lesion_slices": truth.any(axis=(1, 2))})
 
@@ -248,7 +273,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                     stats[f"{m}:{name}"] = value
             figures.append(stats)
         pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "lesion_contrast",
-                                        "recovered", "visible", "peak", "healthy_max")} | {"lesion": figures[0], "twin": figures[1],
+                                        "recovered", "visible", "peak", "healthy_max", "hot_spots")} | {"lesion": figures[0], "twin": figures[1],
                                                          "slice_scores": [{c: v.tolist() for c, v in side.items()}
                                                                           for side in r["scores"]],
                                                          "lesion_slices": r["lesion_slices"].tolist()})
@@ -305,6 +330,19 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                    for name, ps in by_size.items()} for m in MAPS}
     print("ceiling at 5 % FPR (lesion's peak above the 95th percentile of the twins' brain maxima): "
           + ", ".join(f"{m} " + " / ".join(f"{v:.2f}" for v in ceiling[m].values()) for m in MAPS))
+    hot_spots = {}
+    for m in MAPS:
+        highest = np.quantile([p["healthy_max"][m] for p in pairs], 0.8)
+        groups = (pairs, [p for p in pairs if p["healthy_max"][m] >= highest])
+        hot_spots[m] = {where: [float(np.mean([p["hot_spots"][m][where] for p in g])) for g in groups]
+                        for where in ("floor", "bright", "edge")}
+    print(f"where the twins' hot spots lie (shares of their top 0.1 % brain voxels, every twin / the fifth with the "
+          f"highest maxima, which set a study threshold): at the intensity floor, above the 99th percentile, within "
+          f"{EDGE_MM:g} mm of the mask's edge\n  "
+          + "\n  ".join(f"{m:9s} " + ", ".join(f"{where} {v[0]:.2f} / {v[1]:.2f}" for where, v in hot_spots[m].items())
+                         for m in MAPS)
+          + "\n  (the brain itself: " + ", ".join(f"{where} {np.mean([p['hot_spots']['brain'][where] for p in pairs]):.2f}"
+                                                for where in ("floor", "bright", "edge")) + ")")
     for name, ps in by_size.items():
         if ps:
             auroc = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
@@ -326,7 +364,8 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     for m, v in voxel.items():
         print(f"{m:10s} {v['auprc']:6.3f} {v['dice']:6.3f}   " + " ".join(f"{d:6.3f}" for d in v["dice_by_kind"].values()))
     return {"model": str(model), "pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds,
-            "own_disorders": own_disorder, "ceiling": ceiling}
+            "own_disorders": own_disorder, "ceiling": ceiling,
+            "hot_spots": hot_spots}
 
 
 def main() -> None:

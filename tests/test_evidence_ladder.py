@@ -1,0 +1,55 @@
+"""Tests of the evidence ladder's hot-spot census (scripts/evidence_ladder.py) on a toy volume."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evidence_ladder.py"
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    spec = importlib.util.spec_from_file_location("evidence_ladder", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_study() -> tuple[np.ndarray, np.ndarray]:
+    """A 40 x 48 x 48 box of brain at intensity 0.6 (2 mm voxels), 2 voxels of air around it."""
+    brain = np.zeros((44, 52, 52), bool)
+    brain[2:-2, 2:-2, 2:-2] = True
+    return np.where(brain, 0.6, 0.0).astype(np.float32), brain
+
+
+def test_census_finds_a_hot_spot_at_the_intensity_floor_deep_inside(ladder):
+    image, brain = toy_study()
+    volume = np.where(brain, 0.1, 0.0).astype(np.float32)
+    spot = (slice(19, 25), slice(23, 29), slice(23, 29))  # 216 voxels (0.1 % of the brain: 92), 34 mm deep
+    image[spot], volume[spot] = 0.0, 5.0  # air taken into the mask, scored highest
+    census = ladder.hot_spot_census(volume, image, brain)
+    assert census["floor"] == 1.0 and census["bright"] == 0.0 and census["edge"] == 0.0
+
+
+def test_census_finds_a_bright_hot_spot_at_the_edge(ladder):
+    image, brain = toy_study()
+    volume = np.where(brain, 0.1, 0.0).astype(np.float32)
+    spot = (slice(2, 40), slice(2, 4), slice(20, 24))  # the first two rows of the brain: 0-4 mm deep
+    image[spot], volume[spot] = 1.3, 5.0
+    census = ladder.hot_spot_census(volume, image, brain)
+    assert census["edge"] == 1.0 and census["bright"] == 1.0 and census["floor"] == 0.0
+
+
+def test_census_of_a_map_without_hot_spots_is_the_brain_itself(ladder):
+    image, brain = toy_study()
+    rng = np.random.default_rng(0)
+    volume = (rng.random(brain.shape) * brain).astype(np.float32)
+    census = ladder.hot_spot_census(volume, image, brain)
+    assert census["floor"] == 0.0 and census["bright"] == 0.0
+    edge_share = ladder.hot_spot_places(image, brain)["edge"][brain].mean()
+    assert 0.2 < edge_share < 0.3  # two voxels (centres 2 and 4 mm deep) around a 80 x 96 x 96 mm box
+    assert abs(census["edge"] - edge_share) < 0.1  # random hot spots sit at the edge as often as the brain does
