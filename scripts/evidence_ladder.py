@@ -103,7 +103,7 @@ SMALL_ML = 2.0  # lesion volume that splits the visibility and study figures (de
 VISIBLE_QUANTILE = 0.999
 OWN_DIAMETERS_MM = (8.0, 16.0, 32.0)
 OWN_SHIFT = 0.3
-FLOOR_LEVEL = 0.05  # canonical intensity at the floor: ``normalise`` clips the brain's 1st percentile to 0
+FLOOR_LEVEL = 0.05  # canonical intensity near the floor (``normalise`` maps the brain's 1st percentile to 0)
 BRIGHT_LEVEL = 1.0  # canonical intensity of the brain's 99th percentile
 EDGE_MM = 6.0
 
@@ -253,11 +253,11 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
         peak = {m: float(lesion_maps[m][truth].max()) for m in MAPS} if truth.any() else {}
         healthy_max = {m: float(twin_maps[m][slices.mask].max()) for m in MAPS}
         hot_spots = {m: hot_spot_census(twin_maps[m], twin_slices.image, slices.mask) for m in MAPS}
-        hot_spots["brain"] = {where: float(np.mean(place[slices.mask]))
-                              for where, place in hot_spot_places(twin_slices.image, slices.mask).items()}
+        places = {where: float(np.mean(place[slices.mask]))
+                  for where, place in hot_spot_places(twin_slices.image, slices.mask).items()}
         raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "truth")}
                    | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered, "visible": visible,
-                      "peak": peak, "healthy_max": healthy_max, "hot_spots": hot_spots,
+                      "peak": peak, "healthy_max": healthy_max, "hot_spots": hot_spots, "places": places,
                       "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
                       "lesion_slices": truth.any(axis=(1, 2))})
 
@@ -273,7 +273,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                     stats[f"{m}:{name}"] = value
             figures.append(stats)
         pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "lesion_contrast",
-                                        "recovered", "visible", "peak", "healthy_max", "hot_spots")} | {"lesion": figures[0], "twin": figures[1],
+                                        "recovered", "visible", "peak", "healthy_max", "hot_spots", "places")} | {"lesion": figures[0], "twin": figures[1],
                                                          "slice_scores": [{c: v.tolist() for c, v in side.items()}
                                                                           for side in r["scores"]],
                                                          "lesion_slices": r["lesion_slices"].tolist()})
@@ -330,19 +330,18 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                    for name, ps in by_size.items()} for m in MAPS}
     print("ceiling at 5 % FPR (lesion's peak above the 95th percentile of the twins' brain maxima): "
           + ", ".join(f"{m} " + " / ".join(f"{v:.2f}" for v in ceiling[m].values()) for m in MAPS))
+    places = list(pairs[0]["places"])
     hot_spots = {}
     for m in MAPS:
         highest = np.quantile([p["healthy_max"][m] for p in pairs], 0.8)
         groups = (pairs, [p for p in pairs if p["healthy_max"][m] >= highest])
-        hot_spots[m] = {where: [float(np.mean([p["hot_spots"][m][where] for p in g])) for g in groups]
-                        for where in ("floor", "bright", "edge")}
+        hot_spots[m] = {where: [float(np.mean([p["hot_spots"][m][where] for p in g])) for g in groups] for where in places}
     print(f"where the twins' hot spots lie (shares of their top 0.1 % brain voxels, every twin / the fifth with the "
           f"highest maxima, which set a study threshold): at the intensity floor, above the 99th percentile, within "
           f"{EDGE_MM:g} mm of the mask's edge\n  "
           + "\n  ".join(f"{m:9s} " + ", ".join(f"{where} {v[0]:.2f} / {v[1]:.2f}" for where, v in hot_spots[m].items())
                          for m in MAPS)
-          + "\n  (the brain itself: " + ", ".join(f"{where} {np.mean([p['hot_spots']['brain'][where] for p in pairs]):.2f}"
-                                                for where in ("floor", "bright", "edge")) + ")")
+          + "\n  (the brain itself: " + ", ".join(f"{where} {np.mean([p['places'][where] for p in pairs]):.2f}" for where in places) + ")")
     for name, ps in by_size.items():
         if ps:
             auroc = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
@@ -364,8 +363,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     for m, v in voxel.items():
         print(f"{m:10s} {v['auprc']:6.3f} {v['dice']:6.3f}   " + " ".join(f"{d:6.3f}" for d in v["dice_by_kind"].values()))
     return {"model": str(model), "pairs": pairs, "summary": summary, "voxel": voxel, "thresholds": thresholds,
-            "own_disorders": own_disorder, "ceiling": ceiling,
-            "hot_spots": hot_spots}
+            "own_disorders": own_disorder, "ceiling": ceiling, "hot_spots": hot_spots}
 
 
 def main() -> None:
