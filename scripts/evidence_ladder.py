@@ -176,10 +176,10 @@ def hot_spot_places(image: np.ndarray, brain: np.ndarray) -> dict[str, np.ndarra
     return {"floor": brain & (image < FLOOR_LEVEL), "bright": brain & (image > BRIGHT_LEVEL), "edge": brain & (depth_mm < EDGE_MM)}
 
 
-def hot_spot_census(volume: np.ndarray, image: np.ndarray, brain: np.ndarray) -> dict[str, float]:
-    """The shares of a map's top 0.1 % brain voxels at each of ``hot_spot_places``."""
+def hot_spot_census(volume: np.ndarray, places: dict[str, np.ndarray], brain: np.ndarray) -> dict[str, float]:
+    """The shares of a map's top 0.1 % brain voxels at each of the study's ``hot_spot_places``."""
     top = brain & (volume >= np.quantile(volume[brain], VISIBLE_QUANTILE))
-    return {where: float(np.mean(place[top])) for where, place in hot_spot_places(image, brain).items()}
+    return {where: float(np.mean(place[top])) for where, place in places.items()}
 
 
 def map_statistics(volume: np.ndarray, brain: np.ndarray, threshold: float) -> dict[str, float]:
@@ -252,9 +252,9 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                    for m in MAPS} if truth.any() else {}
         peak = {m: float(lesion_maps[m][truth].max()) for m in MAPS} if truth.any() else {}
         healthy_max = {m: float(twin_maps[m][slices.mask].max()) for m in MAPS}
-        hot_spots = {m: hot_spot_census(twin_maps[m], twin_slices.image, slices.mask) for m in MAPS}
-        places = {where: float(np.mean(place[slices.mask]))
-                  for where, place in hot_spot_places(twin_slices.image, slices.mask).items()}
+        twin_places = hot_spot_places(twin_slices.image, slices.mask)
+        hot_spots = {m: hot_spot_census(twin_maps[m], twin_places, slices.mask) for m in MAPS}
+        places = {where: float(np.mean(place[slices.mask])) for where, place in twin_places.items()}
         raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "truth")}
                    | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered, "visible": visible,
                       "peak": peak, "healthy_max": healthy_max, "hot_spots": hot_spots, "places": places,

@@ -31,7 +31,7 @@ def test_census_finds_a_hot_spot_at_the_intensity_floor_deep_inside(ladder):
     volume = np.where(brain, 0.1, 0.0).astype(np.float32)
     spot = (slice(19, 25), slice(23, 29), slice(23, 29))  # 216 voxels (0.1 % of the brain: 92), 34 mm deep
     image[spot], volume[spot] = 0.0, 5.0  # air taken into the mask, scored highest
-    census = ladder.hot_spot_census(volume, image, brain)
+    census = ladder.hot_spot_census(volume, ladder.hot_spot_places(image, brain), brain)
     assert census["floor"] == 1.0 and census["bright"] == 0.0 and census["edge"] == 0.0
 
 
@@ -40,7 +40,7 @@ def test_census_finds_a_bright_hot_spot_at_the_edge(ladder):
     volume = np.where(brain, 0.1, 0.0).astype(np.float32)
     spot = (slice(2, 40), slice(2, 4), slice(20, 24))  # the first two rows of the brain: 0-4 mm deep
     image[spot], volume[spot] = 1.3, 5.0
-    census = ladder.hot_spot_census(volume, image, brain)
+    census = ladder.hot_spot_census(volume, ladder.hot_spot_places(image, brain), brain)
     assert census["edge"] == 1.0 and census["bright"] == 1.0 and census["floor"] == 0.0
 
 
@@ -48,7 +48,7 @@ def test_census_of_a_map_without_hot_spots_is_the_brain_itself(ladder):
     image, brain = toy_study()
     rng = np.random.default_rng(0)
     volume = (rng.random(brain.shape) * brain).astype(np.float32)
-    census = ladder.hot_spot_census(volume, image, brain)
+    census = ladder.hot_spot_census(volume, ladder.hot_spot_places(image, brain), brain)
     assert census["floor"] == 0.0 and census["bright"] == 0.0
     edge_share = ladder.hot_spot_places(image, brain)["edge"][brain].mean()
     assert 0.2 < edge_share < 0.3  # two voxels (centres 2 and 4 mm deep) around a 80 x 96 x 96 mm box
