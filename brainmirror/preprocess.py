@@ -28,7 +28,8 @@ from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
-PREPROCESSING_VERSION = 4  # 3: single-threaded registration (bit-identical poses); 4: N4 bias-field correction
+PREPROCESSING_VERSION = 5  # 3: single-threaded registration (bit-identical poses); 4: N4 bias-field correction;
+# 5: a skull-stripped input's zero background is kept out of the brain mask
 """Bump whenever ``canonicalise`` changes its output: preprocessing caches are kept per version."""
 SPACING_MM = 2.0
 SHAPE = (96, 112, 80)
@@ -216,6 +217,23 @@ def extract_brain(image: nib.Nifti1Image) -> np.ndarray | None:
     return mask
 
 
+def without_stripped_background(mask: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """``mask`` less the background of a skull-stripped input that it took in.
+
+    A skull-stripped study is exactly at its minimum outside the brain it kept; a brain extractor
+    run on it may take in some of that background (at the skull base, between the frontal lobes),
+    voxels of no tissue that no healthy reference predicts. Minimum-valued voxels connected to
+    minimum-valued voxels outside ``mask`` are removed from it; an input with a head around its
+    brain, or noise in its background, is left as it is. ``data``: the input less its minimum.
+    """
+    background = data <= 0
+    if not (background & ~mask).any():
+        return mask
+    labels, _ = ndimage.label(background)
+    outside = np.unique(labels[background & ~mask])
+    return mask & ~np.isin(labels, outside[outside > 0])
+
+
 def canonicalise(image: nib.Nifti1Image, min_coverage: float = 0.0) -> Canonical:
     """Bring a head MR volume into canonical space (brain extraction, registration, scaling).
 
@@ -231,6 +249,8 @@ def canonicalise(image: nib.Nifti1Image, min_coverage: float = 0.0) -> Canonical
     affine = image.affine
     clock = time.perf_counter()
     native_mask = extract_brain(image)
+    if native_mask is not None:
+        native_mask = without_stripped_background(native_mask, data)
     timings = {"brain_extraction": time.perf_counter() - clock}
     method = "deepbet"
     clock = time.perf_counter()

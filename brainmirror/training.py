@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .baselines import RawVAEBaseline
+from .cohort import COHORT_VERSION
 from .detector import Detector, half_precision_weights
 from .difference_maps import ANOMALY_MAP_VERSION, voxel_statistics
 from .embedding import embedding_statistics, vae_input
@@ -69,8 +70,9 @@ class TrainingConfig:
 
 # -- data ----------------------------------------------------------------------------------
 def cache_folder(cache: Path) -> Path:
-    """The part of a preprocessing cache that holds for the current preprocessing and anatomy versions."""
-    return cache / f"preprocessing-v{preprocess.PREPROCESSING_VERSION}-anatomies-{anatomies.version_tag()}"
+    """The part of a preprocessing cache that holds for the current preprocessing, anatomy and cohort versions."""
+    return cache / (f"preprocessing-v{preprocess.PREPROCESSING_VERSION}-anatomies-{anatomies.version_tag()}"
+                    f"-cohort-v{COHORT_VERSION}")
 
 
 def study_key(name: str) -> str:

@@ -133,6 +133,32 @@ def test_preprocessing_rejects_volumes_without_content():
         preprocess.canonicalise(nib.Nifti1Image(np.ones((64, 64, 1), np.float32), np.eye(4)))
 
 
+def test_a_stripped_inputs_background_is_kept_out_of_its_brain_mask():
+    from scipy import ndimage
+
+    data = np.zeros((40, 40, 40), np.float32)
+    brain = np.zeros(data.shape, bool)
+    brain[10:30, 10:30, 10:30] = True
+    data[brain] = 1.0
+    data[19:21, 19:21, 19:21] = 0.0  # a zero-valued pocket inside the brain, closed off from the background
+    extracted = ndimage.binary_dilation(brain, iterations=3)  # an extractor that took in background
+    kept = preprocess.without_stripped_background(extracted, data)
+    assert np.array_equal(kept, brain), "the stripped background inside the mask, and only it, is removed"
+    noisy = data + np.random.default_rng(0).uniform(0.01, 0.05, data.shape).astype(np.float32)
+    noisy -= noisy.min()  # as canonicalise gives it: one voxel at zero, outside the brain
+    assert np.array_equal(preprocess.without_stripped_background(extracted, noisy), extracted)
+
+
+def test_studies_of_a_brain_only_anatomy_are_skull_stripped_and_the_others_are_not():
+    from brainmirror.cohort import make_subject, subject_rng
+
+    stripped = make_subject("mni", subject_rng("test", 92), "t2").image.get_fdata(dtype=np.float32)
+    zero = stripped == 0
+    assert 0.3 < zero.mean() < 0.95 and (stripped[~zero] > 0).all()
+    head = make_subject("colin", subject_rng("test", 92), "t2").image.get_fdata(dtype=np.float32)
+    assert (head == 0).mean() < 0.01, "a head with skull keeps its noisy background"
+
+
 def test_threshold_at_fpr_gives_the_requested_false_positive_rate():
     for n in (24, 100, 4000):
         values = np.random.default_rng(n).normal(size=n)
