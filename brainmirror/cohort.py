@@ -95,9 +95,14 @@ def _warp(volume: np.ndarray, coords: np.ndarray, order: int = 1) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=order, mode="constant", cval=0.0).astype(np.float32)
 
 
+def _brain(tissue: np.ndarray) -> np.ndarray:
+    """Where the anatomy has brain tissue (CSF, GM or WM)."""
+    return tissue.sum(0) > 0.05
+
+
 def _contrast_remap(anatomy: Anatomy, t1: np.ndarray, tissue: np.ndarray, contrast: str, rng: np.random.Generator) -> np.ndarray:
     """Tissue-driven intensities with the T1 texture carried over, jittered per subject."""
-    brain = tissue.sum(0) > 0.05
+    brain = _brain(tissue)
     t1_means = np.array(TISSUE_MEANS["t1"])
     means = np.array(TISSUE_MEANS[contrast]) * rng.uniform(0.9, 1.1, size=3)
     t1_fit = np.tensordot(t1_means, tissue, axes=1)
@@ -177,8 +182,7 @@ def make_subject(
 
     kept = np.ones(tuple(shape), np.float32)
     if anatomies.SOURCES[anatomy].skull_stripped:  # as stripped studies are: zero outside the brain
-        brain = (tissue.sum(0) > 0.05).astype(np.float32)
-        kept = (resample(brain, out_to_in, tuple(shape), order=1) > 0.5).astype(np.float32)
+        kept = (resample(_brain(tissue).astype(np.float32), out_to_in, tuple(shape), order=1) > 0.5).astype(np.float32)
     acquired = rician(acquired) * kept
     scale = rng.uniform(200, 2000)  # arbitrary scanner units
     twin_image = None
