@@ -120,18 +120,22 @@ def folder_sources(root: Path) -> StudySource:
         yield f"{root}:{name}", (lambda image=image: image)
 
 
-def split(studies: dict[str, Slices], config: TrainingConfig,
-          normative_keys: Collection[str] = ()) -> tuple[list[Slices], list[Slices], list[str]]:
+def split(studies: dict[str, Slices], config: TrainingConfig, normative_keys: Collection[str] = (),
+          refit_only: bool = False) -> tuple[list[Slices], list[Slices], list[str]]:
     """The studies that fit networks, those that give healthy statistics, and the latter's keys.
 
     ``normative_keys``: a base bundle's normative studies; those among ``studies`` stay normative
     and every other study fits networks, so that adding studies never moves one the networks have
-    seen into the statistics. Without two of them: a seeded split (``normative_fraction``).
+    seen into the statistics. Without two of them (a site's own studies): a seeded split
+    (``normative_fraction``), or, with ``refit_only`` (no network is trained, so none of these
+    studies is ever seen by one), every study gives healthy statistics.
     """
     keys = list(studies)
     normative = [k for k in dict.fromkeys(normative_keys) if k in studies]  # in the base's order
     fit = [k for k in keys if k not in normative_keys]
-    if len(normative) < 2:  # a site's own studies: none (or one) of the base's
+    if len(normative) < 2 and refit_only:
+        fit, normative = [], keys
+    elif len(normative) < 2:  # a site's own studies: none (or one) of the base's
         order = [keys[i] for i in np.random.default_rng(config.seed).permutation(len(keys))]
         n_normative = max(2, int(round(config.normative_fraction * len(keys))))
         fit, normative = order[n_normative:], order[:n_normative]
@@ -360,14 +364,18 @@ def train(fit_sources: StudySource, output: Path, work: Path, config: TrainingCo
     studies = prepare(fit_sources, work / "cache", progress)
     if len(studies) < 4:
         raise ValueError(f"need at least 4 usable healthy studies, found {len(studies)}")
-    fit, normative, normative_keys = split(studies, config, base.normative_keys() if base else ())
-
-    reconstructor = round_to_stored(train_reconstructor(fit, config, work / "checkpoints", device,
-                                                        base.reconstructor if base else None, progress))
     if new_restorer and not config.restorer_steps:
         raise ValueError("a new restorer needs training steps")
-    restorer = round_to_stored(train_restorer(fit, config, work / "checkpoints", device, reconstructor,
-                                              base.restorer if base and not new_restorer else None, progress))
+    refit_only = base is not None and not (config.unet_steps or config.restorer_steps or config.vae_steps)
+    fit, normative, normative_keys = split(studies, config, base.normative_keys() if base else (), refit_only)
+
+    if refit_only:  # the base's networks as they are: only the healthy statistics are fitted
+        reconstructor, restorer = base.reconstructor.to(device), base.restorer.to(device)
+    else:
+        reconstructor = round_to_stored(train_reconstructor(fit, config, work / "checkpoints", device,
+                                                            base.reconstructor if base else None, progress))
+        restorer = round_to_stored(train_restorer(fit, config, work / "checkpoints", device, reconstructor,
+                                                  base.restorer if base and not new_restorer else None, progress))
     vae = base.vae if base else BetaVAE(latent=config.latent, channels=config.vae_channels)
     detector = Detector(reconstructor, restorer, vae, dict(base.normative) if base else {}, {}, device)
     fit_voxel_statistics(detector, normative, progress)

@@ -99,6 +99,19 @@ def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
         assert all(torch.equal(before[k], after[k]) for k in before)
     metadata = json.loads((refitted / "configs" / "metadata.json").read_text())
     assert metadata["preprocessing"] == PREPROCESSING_VERSION and metadata["training"]["base_training"]["studies"] == 2
+    assert metadata["training"]["normative_keys"] == json.loads((model / "configs" / "metadata.json").read_text())[
+        "training"]["normative_keys"]  # its own studies: the networks saw the others, which stay out
+
+    site = tmp_path / "site"  # another site's normals, which no network has seen: all give healthy statistics
+    site.mkdir()
+    for study in sorted(data.iterdir()):
+        (site / study.name).symlink_to(study)
+    adapted = tmp_path / "adapted"
+    proc = brainmirror("finetune", "--model", str(model), "--data", str(site), "--output", str(adapted), "--work",
+                       str(work), "--unet-steps", "0", "--restorer-steps", "0", "--vae-steps", "0", "--latent", "16", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    training = json.loads((adapted / "configs" / "metadata.json").read_text())["training"]
+    assert (training["studies"], training["normative_studies"]) == (0, 4)
 
     study = data / "sub-00_T1w.nii.gz"
     proc = brainmirror("run", str(study), "--model", str(model), "--output", str(tmp_path / "out"))

@@ -538,3 +538,8 @@ def test_a_base_bundles_normative_studies_stay_normative_when_studies_are_added(
     trained = {int(s.z[0]) for s in fit}
     assert trained <= {int(s.z[0]) for s in more_fit} and not trained & {int(s.z[0]) for s in more_normative}
     assert sorted(split(studies(84), config)[2]) != sorted(keys)  # no base: a fresh seeded split of all 84
+    # a refit of the healthy statistics alone: a site's studies (no network sees them) all give statistics,
+    # while the base's own studies keep their roles
+    site_fit, site_normative, site_keys = split(studies(16), config, ["elsewhere-1", "elsewhere-2"], refit_only=True)
+    assert (len(site_fit), len(site_normative)) == (0, 16) and site_keys == list(studies(16))
+    assert split(studies(84), config, keys, refit_only=True)[2] == keys
