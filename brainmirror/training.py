@@ -80,36 +80,97 @@ def study_key(name: str) -> str:
     return hashlib.sha1(name.encode()).hexdigest()[:16]
 
 
-def prepare(sources: StudySource, cache: Path, progress: bool = True) -> dict[str, Slices]:
+def prepare(sources: StudySource, cache: Path, progress: bool = True, workers: int | None = None) -> dict[str, Slices]:
     """Preprocess every study once (cached per study and version, ``cache_folder``; a rerun
-    resumes); the usable ones by ``study_key``, in source order."""
+    resumes); the usable ones by ``study_key``, in source order.
+
+    Uncached studies are prepared in ``workers`` processes (default: one per CPU core and 3 GB
+    of memory, at most 8; each on one thread) when their loaders can be sent to another process
+    (the virtual cohort's can, a folder's studies are prepared here).
+    """
     cache = cache_folder(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    prepared = {}
-    for name, load in tqdm(list(sources), desc="preprocess", disable=not progress, unit="study"):
-        key = study_key(name)
-        path = cache / f"{key}.npz"
-        if not path.exists():
-            try:
-                slices = slice_volume(canonicalise(load()))
-            except ValueError as error:
-                log.warning("skipped %s: %s", name, error)
+    sources = list(sources)
+    missing = [(name, load) for name, load in sources if not (cache / f"{study_key(name)}.npz").exists()]
+    workers = min(workers or default_workers(), len(missing))
+    with tqdm(total=len(missing), desc="preprocess", disable=not progress or not missing, unit="study") as bar:
+        for name, slices in _prepared(missing, workers):
+            bar.update()
+            if isinstance(slices, str):
+                log.warning("skipped %s: %s", name, slices)
                 continue
+            path = cache / f"{study_key(name)}.npz"
             tmp = path.with_suffix(".tmp.npz")
             np.savez_compressed(tmp, image=slices.image, mask=slices.mask, z=slices.z)
             tmp.replace(path)
-        with np.load(path) as data:
-            prepared[key] = Slices(data["image"], data["mask"], data["z"])
+    prepared = {}
+    for name, _ in sources:
+        path = cache / f"{study_key(name)}.npz"
+        if path.exists():
+            with np.load(path) as data:
+                prepared[study_key(name)] = Slices(data["image"], data["mask"], data["z"])
     return prepared
+
+
+def default_workers() -> int:
+    """Preparation processes: one per CPU core and 3 GB of memory, at most 8."""
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(len(os.sched_getaffinity(0)), int(memory_gb // 3), 8))
+
+
+def _prepare_one(load: Callable[[], nib.Nifti1Image]) -> Slices | str:
+    """One study's canonical slices, or why it cannot be used."""
+    try:
+        return slice_volume(canonicalise(load()))
+    except ValueError as error:
+        return str(error)
+
+
+def _single_threaded() -> None:
+    import SimpleITK as sitk
+
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _prepared(missing: list[tuple[str, Callable]], workers: int) -> Iterable[tuple[str, Slices | str]]:
+    """(name, slices or the reason it was skipped) for each study, in parallel where possible."""
+    import pickle
+
+    try:
+        pickle.dumps(missing[0][1]) if missing else None
+    except (pickle.PicklingError, AttributeError, TypeError):
+        workers = 1
+    if workers < 2:
+        yield from ((name, _prepare_one(load)) for name, load in missing)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_single_threaded) as pool:
+        yield from zip((name for name, _ in missing), pool.map(_prepare_one, (load for _, load in missing)))
+
+
+@dataclass(frozen=True)
+class SyntheticStudy:
+    """Loader of one healthy virtual-cohort study (SYNTHETIC), seeded by stream and index."""
+
+    anatomy: str
+    stream: str
+    index: int
+
+    def __call__(self) -> nib.Nifti1Image:
+        from .cohort import make_subject, subject_rng
+
+        return make_subject(self.anatomy, subject_rng(self.stream, self.index)).image
 
 
 def synthetic_sources(stream: str, count: int, names: tuple[str, ...] = anatomies.TRAINING_ANATOMIES) -> StudySource:
     """Healthy virtual-cohort studies (SYNTHETIC), seeded by stream and index, anatomies in turn."""
-    from .cohort import make_subject, subject_rng
-
     for i in range(count):
         anatomy = names[i % len(names)]
-        yield f"synthetic-{stream}-{anatomy}-{i}", (lambda i=i, a=anatomy: make_subject(a, subject_rng(stream, i)).image)
+        yield f"synthetic-{stream}-{anatomy}-{i}", SyntheticStudy(anatomy, stream, i)
 
 
 def folder_sources(root: Path) -> StudySource:
@@ -483,7 +544,7 @@ def calibrate(detector: Detector, studies: list[Slices], study_fpr: float = 0.05
     if not 0 < study_fpr < 1 or not 0 < voxel_fpr < 1:
         raise ValueError("false-positive rates must lie strictly between 0 and 1")
     if len(studies) < 2:
-        raise ValueError("calibration needs at least 2 healthy studies (60 or more recommended)")
+        raise ValueError("calibration needs at least 2 healthy studies (60 or more recommended; the shipped bundle used 240)")
     scores, voxels = healthy_scores(detector, studies, progress)
     study = {}
     for c, values in scores.items():

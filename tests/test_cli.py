@@ -122,3 +122,17 @@ def test_train_calibrate_finetune_run_on_a_fresh_folder(tmp_path):
     source = nib.load(str(study))
     assert anomaly.shape == source.shape and np.allclose(anomaly.affine, source.affine)
     assert len(result["slice_scores"]) == source.shape[0]
+
+
+def test_calibrate_prepares_virtual_cohort_studies_in_worker_processes(tmp_path):
+    """From the command line, virtual-cohort studies are prepared in worker processes (spawned:
+    each imports brainmirror afresh) and calibration on them finishes as on one core."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "brainmirror", model)
+    proc = brainmirror("calibrate", "--model", str(model), "--synthetic", "2", "--work", str(tmp_path / "work"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("combined  threshold") == 1
+    assert len(list((tmp_path / "work").rglob("*.npz"))) == 2
+    assert json.loads((model / "configs" / "metadata.json").read_text())["calibration"]["study"]["combined"]["n_studies"] == 2

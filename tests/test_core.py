@@ -443,6 +443,21 @@ def test_batches_made_by_worker_processes_are_the_main_process_batches():
         assert torch.equal(inline(i)[0], make_batch(i)[0]) and torch.equal(ahead(i)[0], make_batch(i)[0])
 
 
+def test_studies_prepared_in_worker_processes_are_those_prepared_here(tmp_path):
+    """Uncached virtual-cohort studies are prepared in parallel processes, bit for bit as in this
+    one, cached, and read back in source order."""
+    from brainmirror.training import _prepare_one, prepare, synthetic_sources
+
+    sources = list(synthetic_sources("development", 2))
+    prepared = prepare(sources, tmp_path, progress=False, workers=2)
+    assert len(prepared) == 2 and len(list(tmp_path.rglob("*.npz"))) == 2
+    here = _prepare_one(sources[1][1])
+    there = list(prepared.values())[1]
+    assert np.array_equal(here.image, there.image) and np.array_equal(here.mask, there.mask)
+    assert np.array_equal(here.z, there.z)
+    assert prepare(sources, tmp_path, progress=False, workers=2).keys() == prepared.keys()  # from the cache
+
+
 def test_reconstructor_withholds_the_mirror_when_asked():
     torch.manual_seed(0)
     net = Reconstructor((4, 4, 8, 8, 16, 4)).eval()
