@@ -91,7 +91,8 @@ def prepare(sources: StudySource, cache: Path, progress: bool = True, workers: i
     cache = cache_folder(cache)
     cache.mkdir(parents=True, exist_ok=True)
     sources = list(sources)
-    missing = [(name, load) for name, load in sources if not (cache / f"{study_key(name)}.npz").exists()]
+    path_of = {name: cache / f"{study_key(name)}.npz" for name, _ in sources}
+    missing = [(name, load) for name, load in sources if not path_of[name].exists()]
     workers = min(workers or default_workers(), len(missing))
     with tqdm(total=len(missing), desc="preprocess", disable=not progress or not missing, unit="study") as bar:
         for name, slices in _prepared(missing, workers):
@@ -99,13 +100,11 @@ def prepare(sources: StudySource, cache: Path, progress: bool = True, workers: i
             if isinstance(slices, str):
                 log.warning("skipped %s: %s", name, slices)
                 continue
-            path = cache / f"{study_key(name)}.npz"
-            tmp = path.with_suffix(".tmp.npz")
+            tmp = path_of[name].with_suffix(".tmp.npz")
             np.savez_compressed(tmp, image=slices.image, mask=slices.mask, z=slices.z)
-            tmp.replace(path)
+            tmp.replace(path_of[name])
     prepared = {}
-    for name, _ in sources:
-        path = cache / f"{study_key(name)}.npz"
+    for name, path in path_of.items():
         if path.exists():
             with np.load(path) as data:
                 prepared[study_key(name)] = Slices(data["image"], data["mask"], data["z"])
@@ -137,10 +136,11 @@ def _prepared(missing: list[tuple[str, Callable]], workers: int) -> Iterable[tup
     """(name, slices or the reason it was skipped) for each study, in parallel where possible."""
     import pickle
 
-    try:
-        pickle.dumps(missing[0][1]) if missing else None
-    except (pickle.PicklingError, AttributeError, TypeError):
-        workers = 1
+    if workers > 1:
+        try:  # lambdas (a folder's studies) cannot be sent to a worker
+            pickle.dumps(missing[0][1])
+        except (pickle.PicklingError, AttributeError, TypeError):
+            workers = 1
     if workers < 2:
         yield from ((name, _prepare_one(load)) for name, load in missing)
         return
