@@ -1,4 +1,4 @@
-"""Tests of the evidence ladder's hot-spot census (scripts/evidence_ladder.py) on a toy volume."""
+"""Tests of the evidence ladder (scripts/evidence_ladder.py): its hot-spot census on a toy volume, its pairs cache."""
 
 from __future__ import annotations
 
@@ -53,3 +53,27 @@ def test_census_of_a_map_without_hot_spots_is_the_brain_itself(ladder):
     edge_share = ladder.hot_spot_places(image, brain)["edge"][brain].mean()
     assert 0.2 < edge_share < 0.3  # two voxels (centres 2 and 4 mm deep) around a 80 x 96 x 96 mm box
     assert abs(census["edge"] - edge_share) < 0.1  # random hot spots sit at the edge as often as the brain does
+
+
+def test_pairs_cache_is_reused_only_for_the_same_plan(ladder, monkeypatch, tmp_path):
+    made = []
+
+    def fake_make_pairs(count, anatomies):
+        made.append((count, tuple(anatomies)))
+        return [{"kind": "tumour", "anatomy": anatomies[0], "index": i} for i in range(count)]
+
+    monkeypatch.setattr(ladder, "make_pairs", fake_make_pairs)
+    monkeypatch.setattr(ladder, "pairs_key", lambda count, anatomies: f"{count} {anatomies}")
+    cache = tmp_path / "pairs.pkl"
+    first = ladder.cached_pairs(2, ["mni"], cache)
+    assert ladder.cached_pairs(2, ["mni"], cache) == first and made == [(2, ("mni",))]
+    assert len(ladder.cached_pairs(3, ["mni"], cache)) == 3 and made[-1] == (3, ("mni",))  # another plan: made again
+    assert ladder.cached_pairs(3, ["colin"], cache)[0]["anatomy"] == "colin"
+
+
+def test_pairs_key_follows_the_plan_and_the_code_that_makes_pairs(ladder, monkeypatch):
+    key = ladder.pairs_key(2, ["mni"])
+    assert key == ladder.pairs_key(2, ["mni"])
+    assert key != ladder.pairs_key(3, ["mni"]) and key != ladder.pairs_key(2, ["colin"])
+    monkeypatch.setattr(ladder, "FIRST_INDEX", ladder.FIRST_INDEX + 1)
+    assert key != ladder.pairs_key(2, ["mni"])
