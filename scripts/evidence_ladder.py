@@ -27,7 +27,9 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
   averaged over cells with at least two pairs (their number in brackets: few cells, weak figure;
   restrict ``--anatomies`` for more pairs per cell);
 - ``pooled``: AUROC of the focal lesion studies against every healthy twin, all anatomies and
-  contrasts together (what a study-level verdict faces);
+  contrasts together (what a study-level verdict faces), with its bootstrap 95 % interval (studies
+  resampled, as ``brainmirror evaluate`` does): at 40-70 pairs it is about +-0.1 wide, so two sets
+  of pairs can differ by that much for the same model;
 - ``recovered`` (maps in intensity units): median share of the lesion contrast that the map
   gains inside the lesion over the twin (the oracle recovers 1.0);
 - ``offset``: how much the anatomy decides a healthy study's value: the spread of the per-anatomy
@@ -66,7 +68,8 @@ Voxel level, per map, over the focal lesion studies: ``AUPRC`` (all their brain 
 voxel false-positive rate on healthy twins, as the evaluation protocol sets its voxel threshold).
 
 Several ``--model`` bundles are laddered on the same pairs, one after the other (the pairs are
-made once):
+made once), and each later one's pooled AUROC is compared with the first's, statistic by
+statistic, with a paired bootstrap 95 % interval of the difference:
 
     .venv/bin/python scripts/evidence_ladder.py --pairs 3 --output work/ladder.json
     .venv/bin/python scripts/evidence_ladder.py --model models/brainmirror work/candidate
@@ -75,6 +78,11 @@ made once):
 
     .venv/bin/python scripts/evidence_ladder.py --pairs 6 --pairs-cache work/pairs.pkl
     .venv/bin/python scripts/evidence_ladder.py --pairs 6 --pairs-cache work/pairs.pkl --model models/brainmirror work/candidate
+
+``--first-index`` makes an independent set of pairs (other development-stream subjects), on which
+to confirm what one set suggested before the evaluation suite is run:
+
+    .venv/bin/python scripts/evidence_ladder.py --pairs 4 --first-index 2500 --pairs-cache work/pairs2500.pkl
 """
 
 from __future__ import annotations
@@ -97,6 +105,7 @@ from brainmirror import cohort, disorders, lesions, preprocess, slicing
 from brainmirror.anatomies import ANATOMIES, TRAINING_ANATOMIES, version_tag
 from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
 from brainmirror.detector import Detector
+from brainmirror.evaluate import bootstrap_ci, paired_auroc_difference
 from brainmirror.healthy_reference import rebuild
 from brainmirror.slicing import Slices, slice_volume
 from brainmirror.study_statistic import CONFIGURATIONS, study_score
@@ -228,13 +237,14 @@ def anatomy_offset(pairs: list[dict], key: str, seen: tuple[str, ...]) -> tuple[
     return offset, float(np.mean(np.array(unseen_values) > threshold))
 
 
-def make_pairs(count: int, anatomies: list[str]) -> list[dict]:
-    """The development-stream lesion studies and their twins on canonical slices (model-independent)."""
+def make_pairs(count: int, anatomies: list[str], first_index: int = FIRST_INDEX) -> list[dict]:
+    """The development-stream lesion studies and their twins on canonical slices (model-independent),
+    from development index ``first_index`` on (another index: an independent set of pairs)."""
     cells = [(a, c) for c in CONTRASTS for a in anatomies]
     plan = [(kind, cells[(j * len(FOCAL_KINDS) + k) % len(cells)])
             for j in range(count) for k, kind in enumerate(FOCAL_KINDS)]
     pairs = []
-    for index, (kind, (anatomy, contrast)) in enumerate(tqdm(plan, desc="pairs", unit="pair"), start=FIRST_INDEX):
+    for index, (kind, (anatomy, contrast)) in enumerate(tqdm(plan, desc="pairs", unit="pair"), start=first_index):
         subject = make_subject(anatomy, subject_rng("development", index), contrast, kind, twin=True)
         slices, twin_slices, truth = canonical_pair(subject)
         pairs.append({"kind": kind, "anatomy": anatomy, "contrast": contrast, "slices": (slices, twin_slices),
@@ -243,9 +253,9 @@ def make_pairs(count: int, anatomies: list[str]) -> list[dict]:
     return pairs
 
 
-def pairs_key(count: int, anatomies: list[str]) -> str:
+def pairs_key(count: int, anatomies: list[str], first_index: int = FIRST_INDEX) -> str:
     """What the pairs depend on: the plan, the anatomies' data and the code that makes them."""
-    digest = hashlib.sha1(f"{count} {','.join(anatomies)} {FIRST_INDEX} {version_tag()}".encode())
+    digest = hashlib.sha1(f"{count} {','.join(anatomies)} {first_index} {version_tag()}".encode())
     for module in (cohort, lesions, preprocess, slicing):
         digest.update(Path(module.__file__).read_bytes())
     for function in (make_pairs, canonical_pair):
@@ -253,22 +263,48 @@ def pairs_key(count: int, anatomies: list[str]) -> str:
     return digest.hexdigest()
 
 
-def cached_pairs(count: int, anatomies: list[str], cache: Path | None) -> list[dict]:
+def cached_pairs(count: int, anatomies: list[str], cache: Path | None, first_index: int = FIRST_INDEX) -> list[dict]:
     """``make_pairs``, kept in ``cache`` (a pickle) and reused while ``pairs_key`` is unchanged."""
-    key = pairs_key(count, anatomies)
+    key = pairs_key(count, anatomies, first_index)
     if cache is not None and cache.exists():
         stored = pickle.loads(cache.read_bytes())
         if stored.get("key") == key:
             print(f"pairs from {cache}")
             return stored["pairs"]
         print(f"{cache} holds pairs of another plan or code: making them again")
-    made = make_pairs(count, anatomies)
+    made = make_pairs(count, anatomies, first_index)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(cache.name + ".partial")
         partial.write_bytes(pickle.dumps({"key": key, "pairs": made}))
         partial.replace(cache)
     return made
+
+
+def compare_models(results: list[dict]) -> dict[str, dict[str, dict]]:
+    """Pooled AUROC of every later model minus the first's, per statistic both report, with a paired
+    bootstrap 95 % interval (the same studies resampled for both): a difference whose interval holds
+    0 is within the noise of this many pairs."""
+    first = results[0]
+    focal = [p for p in first["pairs"] if p["diameter_mm"] >= FOCAL_MIN_MM]
+    labels = np.r_[np.ones(len(focal)), np.zeros(len(first["pairs"]))]
+    differences = {}
+    for other in results[1:]:
+        print(f"\npooled AUROC, {other['model']} minus {first['model']} (paired bootstrap 95 % interval, "
+              f"{len(focal)} focal lesion studies, {len(first['pairs'])} healthy twins)")
+        rows = {}
+        for key in (k for k in first["summary"] if k in other["summary"]):
+            first_scores, other_scores = (pooled_scores(r["pairs"], key) for r in (first, other))
+            rows[key] = paired_auroc_difference(labels, first_scores, other_scores)
+            lo, hi = rows[key]["interval"]
+            print(f"  {key:22s} {rows[key]['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        differences[str(other["model"])] = rows
+    return differences
+
+
+def pooled_scores(pairs: list[dict], key: str) -> np.ndarray:
+    """A statistic of the focal lesion studies, then of every healthy twin (the pooled AUROC's order)."""
+    return np.array([p["lesion"][key] for p in pairs if p["diameter_mm"] >= FOCAL_MIN_MM] + [p["twin"][key] for p in pairs])
 
 
 def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
@@ -331,25 +367,27 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     print(f"oracle (twin as reconstruction): lesion contrast inside the lesion, median "
           f"{np.median([p['lesion_contrast'] for p in focal]):.3f} (canonical intensity units)")
     kinds = [k for k in FOCAL_KINDS if any(p["kind"] == k for p in pairs)]
-    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s} {'pooled':>6s} {'offset':>6s} {'unseen FPR':>10s}   "
+    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s} {'pooled [95 % interval]':>22s} {'offset':>6s} {'unseen FPR':>10s}   "
           + " ".join(f"{k[:6]:>6s}" for k in kinds) + "   " + " ".join(f"{c:>5s}" for c in CONTRASTS))
     summary = {}
+    labels = np.r_[np.ones(len(focal)), np.zeros(len(pairs))]
     for key in keys:
         diff = np.array([p["lesion"][key] - p["twin"][key] for p in focal])
         spread = np.std([p["twin"][key] for p in pairs])
         paired = float(np.mean(diff > 0))
         auroc, n_cells = cell_auroc(focal, key)
-        twins = [p["twin"][key] for p in pairs]
-        pooled = float(roc_auc_score([1] * len(focal) + [0] * len(twins), [p["lesion"][key] for p in focal] + twins))
+        scores = pooled_scores(pairs, key)
+        pooled, pooled_interval = float(roc_auc_score(labels, scores)), bootstrap_ci(labels, scores, np.inf)["auroc"]
         offset, unseen_fpr = anatomy_offset(pairs, key, seen)
         row = {"paired": paired, "effect": float(np.median(diff) / spread) if spread > 0 else float("nan"),
-               "cell_auroc": auroc, "n_cells": n_cells, "pooled_auroc": pooled, "offset": offset, "unseen_fpr": unseen_fpr,
+               "cell_auroc": auroc, "n_cells": n_cells, "pooled_auroc": pooled,
+               "pooled_interval": pooled_interval, "offset": offset, "unseen_fpr": unseen_fpr,
                "paired_by_kind": {k: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["kind"] == k]))
                                   for k in kinds},
                "paired_by_contrast": {c: float(np.mean([p["lesion"][key] > p["twin"][key] for p in pairs if p["contrast"] == c]))
                                       if any(p["contrast"] == c for p in pairs) else float("nan") for c in CONTRASTS}}
         summary[key] = row
-        print(f"{key:22s} {paired:6.2f} {row['effect']:7.2f} {auroc:6.2f} ({n_cells:>2d}) {pooled:6.2f} {offset:6.2f} {unseen_fpr:10.2f}   "
+        print(f"{key:22s} {paired:6.2f} {row['effect']:7.2f} {auroc:6.2f} ({n_cells:>2d}) {pooled:6.2f} [{pooled_interval[0]:.2f}, {pooled_interval[1]:.2f}] {offset:6.2f} {unseen_fpr:10.2f}   "
               + " ".join(f"{v:6.2f}" for v in row["paired_by_kind"].values()) + "   "
               + " ".join(f"{v:5.2f}" for v in row["paired_by_contrast"].values()))
     print("\nrecovered share of the lesion contrast inside the lesion (median over focal pairs; oracle 1.0): "
@@ -380,9 +418,9 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
           + "\n  (the brain itself: " + ", ".join(f"{where} {np.mean([p['places'][where] for p in pairs]):.2f}" for where in places) + ")")
     for name, ps in by_size.items():
         if ps:
-            auroc = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
+            pooled = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
             print(f"study:combined, {name} lesions: paired {np.mean([p['lesion']['study:combined'] > p['twin']['study:combined'] for p in ps]):.2f}, "
-                  f"pooled AUROC {auroc:.2f}")
+                  f"pooled AUROC {pooled:.2f}")
     own_disorder = {}
     print(f"\nown disorders (restorer's training kind, shift +-{OWN_SHIFT:g}, on the twins' slices): share recovered by the "
           "restored / mirror-informed residual, and how often the disorder probability shows it")
@@ -413,14 +451,18 @@ def main() -> None:
                         help="keep the pairs in FILE (a pickle, about 7 MB a pair) and reuse them while the plan "
                              "and the code that makes them are unchanged: a later candidate is laddered on the "
                              "same pairs without making them again (about 35 s a pair on 2 cores)")
+    parser.add_argument("--first-index", type=int, default=FIRST_INDEX, metavar="N",
+                        help=f"development-stream index of the first pair (default {FIRST_INDEX}); another index makes "
+                             "an independent set, to confirm what one set suggested")
     args = parser.parse_args()
 
     anatomies = args.anatomies.split(",")
-    made = cached_pairs(args.pairs, anatomies, args.pairs_cache)
+    made = cached_pairs(args.pairs, anatomies, args.pairs_cache, args.first_index)
     results = [ladder(model, made, anatomies) for model in args.model]
+    differences = compare_models(results) if len(results) > 1 else {}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results[0] if len(results) == 1 else {"models": results},
+        args.output.write_text(json.dumps(results[0] if len(results) == 1 else {"models": results, "differences": differences},
                                           indent=1, default=float) + "\n")
         print(f"written to {args.output}")
 

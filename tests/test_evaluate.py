@@ -20,6 +20,7 @@ from brainmirror.evaluate import (
     bootstrap_ci,
     contrast_metrics,
     dice,
+    paired_auroc_difference,
     size_bin,
     synthetic_cases,
     within_study_slice_auroc,
@@ -128,6 +129,19 @@ def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
     auroc = roc_auc_score(labels, scores)
     assert ci["auroc"][0] < auroc < ci["auroc"][1]
     assert ci == bootstrap_ci(labels, scores, threshold=0.5, n=300)
+
+
+def test_paired_auroc_difference_is_zero_for_the_same_scores_and_sees_a_better_one():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(40), np.ones(30)].astype(int)
+    chance = rng.normal(size=70)
+    separated = chance + 3.0 * labels
+    same = paired_auroc_difference(labels, chance, chance, n=200)
+    assert same == {"difference": 0.0, "interval": [0.0, 0.0]}  # the same resamples for both
+    better = paired_auroc_difference(labels, chance, separated, n=200)
+    lo, hi = better["interval"]
+    assert 0.2 < lo < better["difference"] < hi
+    assert better["difference"] == roc_auc_score(labels, separated) - roc_auc_score(labels, chance)
 
 
 def test_size_bins():

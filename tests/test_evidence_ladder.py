@@ -1,4 +1,5 @@
-"""Tests of the evidence ladder (scripts/evidence_ladder.py): its hot-spot census on a toy volume, its pairs cache."""
+"""Tests of the evidence ladder (scripts/evidence_ladder.py): its hot-spot census on a toy volume, its pairs
+cache, its comparison of two models."""
 
 from __future__ import annotations
 
@@ -58,22 +59,39 @@ def test_census_of_a_map_without_hot_spots_is_the_brain_itself(ladder):
 def test_pairs_cache_is_reused_only_for_the_same_plan(ladder, monkeypatch, tmp_path):
     made = []
 
-    def fake_make_pairs(count, anatomies):
+    def fake_make_pairs(count, anatomies, first_index):
         made.append((count, tuple(anatomies)))
         return [{"kind": "tumour", "anatomy": anatomies[0], "index": i} for i in range(count)]
 
     monkeypatch.setattr(ladder, "make_pairs", fake_make_pairs)
-    monkeypatch.setattr(ladder, "pairs_key", lambda count, anatomies: f"{count} {anatomies}")
+    monkeypatch.setattr(ladder, "pairs_key", lambda count, anatomies, first_index: f"{count} {anatomies} {first_index}")
     cache = tmp_path / "pairs.pkl"
     first = ladder.cached_pairs(2, ["mni"], cache)
     assert ladder.cached_pairs(2, ["mni"], cache) == first and made == [(2, ("mni",))]
     assert len(ladder.cached_pairs(3, ["mni"], cache)) == 3 and made[-1] == (3, ("mni",))  # another plan: made again
     assert ladder.cached_pairs(3, ["colin"], cache)[0]["anatomy"] == "colin"
+    ladder.cached_pairs(3, ["colin"], cache, first_index=2500)
+    assert len(made) == 4  # an independent set (another first index): made again
 
 
 def test_pairs_key_follows_the_plan_and_the_code_that_makes_pairs(ladder, monkeypatch):
     key = ladder.pairs_key(2, ["mni"])
     assert key == ladder.pairs_key(2, ["mni"])
     assert key != ladder.pairs_key(3, ["mni"]) and key != ladder.pairs_key(2, ["colin"])
-    monkeypatch.setattr(ladder, "FIRST_INDEX", ladder.FIRST_INDEX + 1)
-    assert key != ladder.pairs_key(2, ["mni"])
+    assert key != ladder.pairs_key(2, ["mni"], first_index=2500)
+
+
+def test_compare_models_reports_the_difference_per_statistic(ladder):
+    rng = np.random.default_rng(2)
+
+    def result(name, shift):
+        pairs = [{"diameter_mm": 12.0 if i < 30 else 5.0,  # the last ten pairs are not focal: left out
+                  "lesion": {"study:combined": float(rng.normal() + shift)}, "twin": {"study:combined": float(rng.normal())}}
+                 for i in range(40)]
+        return {"model": name, "pairs": pairs, "summary": {"study:combined": {}}}
+
+    differences = ladder.compare_models([result("shipped", 0.0), result("candidate", 3.0)])
+    row = differences["candidate"]["study:combined"]
+    assert 0 < row["interval"][0] < row["difference"] < row["interval"][1]
+    same = ladder.compare_models([result("shipped", 0.0)] * 2)["shipped"]["study:combined"]
+    assert same == {"difference": 0.0, "interval": [0.0, 0.0]}
