@@ -276,16 +276,20 @@ def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, threshold: float, n: in
 
 def paired_auroc_difference(labels: np.ndarray, first: np.ndarray, second: np.ndarray, n: int = 1000, seed: int = 0) -> dict:
     """AUROC of ``second`` minus that of ``first`` (two scores of the same studies), with its 95 %
-    percentile interval from the same bootstrap resamples of studies for both (a paired bootstrap)."""
+    percentile interval from the same bootstrap resamples of studies for both (a paired bootstrap);
+    nan without both classes."""
     rng = np.random.default_rng(seed)
     labels, first, second = np.asarray(labels), np.asarray(first), np.asarray(second)
+    if not 0 < labels.sum() < len(labels):
+        return {"difference": float("nan"), "interval": [float("nan")] * 2}
     differences = []
     for _ in range(n):
         i = rng.integers(len(labels), size=len(labels))
         if 0 < labels[i].sum() < len(i):
             differences.append(roc_auc_score(labels[i], second[i]) - roc_auc_score(labels[i], first[i]))
     return {"difference": float(roc_auc_score(labels, second) - roc_auc_score(labels, first)),
-            "interval": [float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5))]}
+            "interval": [float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5))] if differences
+            else [float("nan")] * 2}
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:

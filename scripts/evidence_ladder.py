@@ -286,6 +286,7 @@ def compare_models(results: list[dict]) -> dict[str, dict[str, dict]]:
     bootstrap 95 % interval (the same studies resampled for both): a difference whose interval holds
     0 is within the noise of this many pairs."""
     first = results[0]
+    assert all(len(r["pairs"]) == len(first["pairs"]) for r in results), "models laddered on different pairs"
     focal = [p for p in first["pairs"] if p["diameter_mm"] >= FOCAL_MIN_MM]
     labels = np.r_[np.ones(len(focal)), np.zeros(len(first["pairs"]))]
     differences = {}
@@ -367,7 +368,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
     print(f"oracle (twin as reconstruction): lesion contrast inside the lesion, median "
           f"{np.median([p['lesion_contrast'] for p in focal]):.3f} (canonical intensity units)")
     kinds = [k for k in FOCAL_KINDS if any(p["kind"] == k for p in pairs)]
-    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s} {'pooled [95 % interval]':>22s} {'offset':>6s} {'unseen FPR':>10s}   "
+    print(f"\n{'map:statistic':22s} {'paired':>6s} {'effect':>7s} {'cell AUROC':>10s} {'pooled [95 % interval]':>19s} {'offset':>6s} {'unseen FPR':>10s}   "
           + " ".join(f"{k[:6]:>6s}" for k in kinds) + "   " + " ".join(f"{c:>5s}" for c in CONTRASTS))
     summary = {}
     labels = np.r_[np.ones(len(focal)), np.zeros(len(pairs))]
@@ -418,9 +419,9 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
           + "\n  (the brain itself: " + ", ".join(f"{where} {np.mean([p['places'][where] for p in pairs]):.2f}" for where in places) + ")")
     for name, ps in by_size.items():
         if ps:
-            pooled = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
+            auroc = roc_auc_score([1] * len(ps) + [0] * len(twins), [p["lesion"]["study:combined"] for p in ps] + twins)
             print(f"study:combined, {name} lesions: paired {np.mean([p['lesion']['study:combined'] > p['twin']['study:combined'] for p in ps]):.2f}, "
-                  f"pooled AUROC {pooled:.2f}")
+                  f"pooled AUROC {auroc:.2f}")
     own_disorder = {}
     print(f"\nown disorders (restorer's training kind, shift +-{OWN_SHIFT:g}, on the twins' slices): share recovered by the "
           "restored / mirror-informed residual, and how often the disorder probability shows it")
@@ -452,8 +453,9 @@ def main() -> None:
                              "and the code that makes them are unchanged: a later candidate is laddered on the "
                              "same pairs without making them again (about 35 s a pair on 2 cores)")
     parser.add_argument("--first-index", type=int, default=FIRST_INDEX, metavar="N",
-                        help=f"development-stream index of the first pair (default {FIRST_INDEX}); another index makes "
-                             "an independent set, to confirm what one set suggested")
+                        help=f"development-stream index of the first pair (default {FIRST_INDEX}); a set uses {len(FOCAL_KINDS)} "
+                             "indices per --pairs, and another set whose indices do not overlap is independent: "
+                             "confirm there what one set suggested")
     args = parser.parse_args()
 
     anatomies = args.anatomies.split(",")

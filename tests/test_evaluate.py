@@ -142,6 +142,8 @@ def test_paired_auroc_difference_is_zero_for_the_same_scores_and_sees_a_better_o
     lo, hi = better["interval"]
     assert 0.2 < lo < better["difference"] < hi
     assert better["difference"] == roc_auc_score(labels, separated) - roc_auc_score(labels, chance)
+    one_class = paired_auroc_difference(np.zeros(10, int), chance[:10], separated[:10], n=20)
+    assert np.isnan(one_class["difference"]) and np.isnan(one_class["interval"]).all()
 
 
 def test_size_bins():

@@ -60,18 +60,18 @@ def test_pairs_cache_is_reused_only_for_the_same_plan(ladder, monkeypatch, tmp_p
     made = []
 
     def fake_make_pairs(count, anatomies, first_index):
-        made.append((count, tuple(anatomies)))
+        made.append((count, tuple(anatomies), first_index))
         return [{"kind": "tumour", "anatomy": anatomies[0], "index": i} for i in range(count)]
 
     monkeypatch.setattr(ladder, "make_pairs", fake_make_pairs)
     monkeypatch.setattr(ladder, "pairs_key", lambda count, anatomies, first_index: f"{count} {anatomies} {first_index}")
     cache = tmp_path / "pairs.pkl"
     first = ladder.cached_pairs(2, ["mni"], cache)
-    assert ladder.cached_pairs(2, ["mni"], cache) == first and made == [(2, ("mni",))]
-    assert len(ladder.cached_pairs(3, ["mni"], cache)) == 3 and made[-1] == (3, ("mni",))  # another plan: made again
+    assert ladder.cached_pairs(2, ["mni"], cache) == first and made == [(2, ("mni",), ladder.FIRST_INDEX)]
+    assert len(ladder.cached_pairs(3, ["mni"], cache)) == 3 and made[-1] == (3, ("mni",), ladder.FIRST_INDEX)  # another plan
     assert ladder.cached_pairs(3, ["colin"], cache)[0]["anatomy"] == "colin"
     ladder.cached_pairs(3, ["colin"], cache, first_index=2500)
-    assert len(made) == 4  # an independent set (another first index): made again
+    assert made[-1] == (3, ("colin",), 2500)  # an independent set (another first index): made again
 
 
 def test_pairs_key_follows_the_plan_and_the_code_that_makes_pairs(ladder, monkeypatch):
