@@ -74,7 +74,7 @@ def test_pairs_cache_is_reused_only_for_the_same_plan(ladder, monkeypatch, tmp_p
     assert made[-1] == (3, ("colin",), 2500)  # an independent set (another first index): made again
 
 
-def test_pairs_key_follows_the_plan_and_the_code_that_makes_pairs(ladder, monkeypatch):
+def test_pairs_key_follows_the_plan_and_the_code_that_makes_pairs(ladder):
     key = ladder.pairs_key(2, ["mni"])
     assert key == ladder.pairs_key(2, ["mni"])
     assert key != ladder.pairs_key(3, ["mni"]) and key != ladder.pairs_key(2, ["colin"])
