@@ -110,6 +110,7 @@ from brainmirror.healthy_reference import rebuild
 from brainmirror.slicing import Slices, slice_volume
 from brainmirror.study_statistic import CONFIGURATIONS, study_score
 from brainmirror.lesions import FOCAL_KINDS
+from brainmirror.parallel import in_workers
 from brainmirror.preprocess import SHAPE, SPACING_MM, canonicalise, intensities, resample
 
 FIRST_INDEX = 2000  # development-stream indices of this script (other diagnostics use others)
@@ -237,20 +238,26 @@ def anatomy_offset(pairs: list[dict], key: str, seen: tuple[str, ...]) -> tuple[
     return offset, float(np.mean(np.array(unseen_values) > threshold))
 
 
+def make_pair(job: tuple[int, str, str, str]) -> dict:
+    """The lesion study of development index ``job[0]`` (kind, anatomy, contrast) and its twin on
+    canonical slices."""
+    index, kind, anatomy, contrast = job
+    subject = make_subject(anatomy, subject_rng("development", index), contrast, kind, twin=True)
+    slices, twin_slices, truth = canonical_pair(subject)
+    return {"kind": kind, "anatomy": anatomy, "contrast": contrast, "slices": (slices, twin_slices),
+            "truth": truth, "diameter_mm": subject.meta["lesion_diameter_mm"],
+            "volume_ml": subject.meta["lesion_volume_ml"], "voxel_mm": subject.meta["voxel_mm"],
+            "noise": subject.meta["noise"]}
+
+
 def make_pairs(count: int, anatomies: list[str], first_index: int = FIRST_INDEX) -> list[dict]:
     """The development-stream lesion studies and their twins on canonical slices (model-independent),
-    from development index ``first_index`` on (another index: an independent set of pairs)."""
+    from development index ``first_index`` on (another index: an independent set of pairs), made in
+    worker processes (``parallel.in_workers``: the same pairs as one after another)."""
     cells = [(a, c) for c in CONTRASTS for a in anatomies]
-    plan = [(kind, cells[(j * len(FOCAL_KINDS) + k) % len(cells)])
+    plan = [(first_index + j * len(FOCAL_KINDS) + k, kind, *cells[(j * len(FOCAL_KINDS) + k) % len(cells)])
             for j in range(count) for k, kind in enumerate(FOCAL_KINDS)]
-    pairs = []
-    for index, (kind, (anatomy, contrast)) in enumerate(tqdm(plan, desc="pairs", unit="pair"), start=first_index):
-        subject = make_subject(anatomy, subject_rng("development", index), contrast, kind, twin=True)
-        slices, twin_slices, truth = canonical_pair(subject)
-        pairs.append({"kind": kind, "anatomy": anatomy, "contrast": contrast, "slices": (slices, twin_slices),
-                      "truth": truth, "diameter_mm": subject.meta["lesion_diameter_mm"],
-                      "volume_ml": subject.meta["lesion_volume_ml"]})
-    return pairs
+    return list(tqdm(in_workers(make_pair, plan), total=len(plan), desc="pairs", unit="pair"))
 
 
 def pairs_key(count: int, anatomies: list[str], first_index: int = FIRST_INDEX) -> str:
@@ -258,7 +265,7 @@ def pairs_key(count: int, anatomies: list[str], first_index: int = FIRST_INDEX) 
     digest = hashlib.sha1(f"{count} {','.join(anatomies)} {first_index} {version_tag()}".encode())
     for module in (cohort, lesions, preprocess, slicing):
         digest.update(Path(module.__file__).read_bytes())
-    for function in (make_pairs, canonical_pair):
+    for function in (make_pairs, make_pair, canonical_pair):
         digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()
 
@@ -328,7 +335,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
         twin_places = hot_spot_places(twin_slices.image, slices.mask)
         hot_spots = {m: hot_spot_census(twin_maps[m], twin_places, slices.mask) for m in MAPS}
         places = {where: float(np.mean(place[slices.mask])) for where, place in twin_places.items()}
-        raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "truth")}
+        raw.append({k: made_pair[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "voxel_mm", "noise", "truth")}
                    | {"brain": slices.mask, "lesion_contrast": contrast_in_lesion, "recovered": recovered, "visible": visible,
                       "peak": peak, "healthy_max": healthy_max, "hot_spots": hot_spots, "places": places,
                       "maps": (lesion_maps, twin_maps), "scores": (lesion_scores, twin_scores),
@@ -345,7 +352,7 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
                 for name, value in map_statistics(r["maps"][side][m], r["brain"], thresholds[m]).items():
                     stats[f"{m}:{name}"] = value
             figures.append(stats)
-        pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "lesion_contrast",
+        pairs.append({k: r[k] for k in ("kind", "anatomy", "contrast", "diameter_mm", "volume_ml", "voxel_mm", "noise", "lesion_contrast",
                                         "recovered", "visible", "peak", "healthy_max", "hot_spots", "places")} | {"lesion": figures[0], "twin": figures[1],
                                                          "slice_scores": [{c: v.tolist() for c, v in side.items()}
                                                                           for side in r["scores"]],
@@ -451,7 +458,8 @@ def main() -> None:
     parser.add_argument("--pairs-cache", type=Path, default=None, metavar="FILE",
                         help="keep the pairs in FILE (a pickle, about 7 MB a pair) and reuse them while the plan "
                              "and the code that makes them are unchanged: a later candidate is laddered on the "
-                             "same pairs without making them again (about 35 s a pair on 2 cores)")
+                             "same pairs without making them again (about 35 s a pair on one core; one worker "
+                             "process per core makes them)")
     parser.add_argument("--first-index", type=int, default=FIRST_INDEX, metavar="N",
                         help=f"development-stream index of the first pair (default {FIRST_INDEX}); a set uses {len(FOCAL_KINDS)} "
                              "indices per --pairs, and another set whose indices do not overlap is independent: "
