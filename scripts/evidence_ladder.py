@@ -28,8 +28,8 @@ The oracle (the twin as a perfect healthy reconstruction) is the ceiling: the le
   restrict ``--anatomies`` for more pairs per cell);
 - ``pooled``: AUROC of the focal lesion studies against every healthy twin, all anatomies and
   contrasts together (what a study-level verdict faces), with its bootstrap 95 % interval (studies
-  resampled, as ``brainmirror evaluate`` does): at 28 pairs (22 focal) it is about +-0.15 wide, and
-  two sets of pairs gave the same model 0.61 and 0.72;
+  resampled, as ``brainmirror evaluate`` does): at 28 pairs (22 focal) it is about +-0.15 wide, at
+  70 (59 focal) +-0.10, and three sets of pairs gave the same model 0.61, 0.72 and 0.60;
 - ``recovered`` (maps in intensity units): median share of the lesion contrast that the map
   gains inside the lesion over the twin (the oracle recovers 1.0);
 - ``offset``: how much the anatomy decides a healthy study's value: the spread of the per-anatomy
