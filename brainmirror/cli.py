@@ -6,12 +6,7 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
-
-# MONAI imports every installed monai.* package, so with the MONAI Deploy SDK beside it Holoscan
-# gets imported too and warns about the stack size; the core itself never uses Holoscan.
-warnings.filterwarnings("ignore", message="Current stack size")
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "brainmirror"
 BASELINE_PATH = DEFAULT_MODEL.parent / "baselines" / "raw-vae"

@@ -6,10 +6,18 @@ is the mirror image about the mid-sagittal plane.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
-from monai.networks.nets import BasicUNet
 from torch import nn
+
+with warnings.catch_warnings():
+    # MONAI imports every installed monai.* package: beside the MONAI Deploy SDK that includes
+    # Holoscan, which warns about the stack size in every process (each preparation worker too),
+    # although the core never runs it. The app imports Holoscan itself first and keeps the warning.
+    warnings.filterwarnings("ignore", message="Current stack size", category=RuntimeWarning)
+    from monai.networks.nets import BasicUNet
 
 SLICE_SHAPE = (96, 112)
 MIRROR_AXIS = -2  # left-right axis of a (..., 96, 112) slice tensor

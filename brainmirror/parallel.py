@@ -17,13 +17,7 @@ def default_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), int(memory_gb // 3), 8))
 
 
-def _worker_setup() -> None:
-    """One thread per worker, and no Holoscan stack-size warning: MONAI imports the MONAI Deploy SDK
-    installed beside it, which imports Holoscan, and that warns in every worker although no worker
-    runs Holoscan (the command line ignores the same warning in its own process)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Current stack size", category=RuntimeWarning)
+def _single_threaded() -> None:
     import SimpleITK as sitk
     import torch
 
@@ -52,5 +46,5 @@ def in_workers(function: Callable[[Item], Result], items: Sequence[Item], worker
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_setup) as pool:
+                             initializer=_single_threaded) as pool:
         yield from pool.map(function, items)
