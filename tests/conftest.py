@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,14 @@ def terminate(process: subprocess.Popen, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def stack_limit(mib: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that gives the child a soft stack limit of ``mib`` MiB (as ``ulimit -s``),
+    where the hard limit allows it."""
+    def apply() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+        if hard == resource.RLIM_INFINITY or hard >= mib * 2**20:
+            resource.setrlimit(resource.RLIMIT_STACK, (mib * 2**20, hard))
+
+    return apply

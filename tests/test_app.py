@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import REPO, shipped_weights
+from conftest import REPO, shipped_weights, stack_limit
 
 from brainmirror.demo import make_demo_study
 from brainmirror.dicom import validate
@@ -63,12 +62,7 @@ class AppRun:
         return match[1], float(match[2]), int(match[3])
 
 
-def _stack_limit() -> None:
-    """Holoscan wants a 32 MiB stack (``ulimit -s 32768``)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    want = 32 * 1024 * 1024
-    if hard == resource.RLIM_INFINITY or hard >= want:
-        resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+_stack_limit = stack_limit(32)  # Holoscan wants a 32 MiB stack (``ulimit -s 32768``)
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,20 +12,13 @@ import pytest
 import torch
 
 from brainmirror.preprocess import PREPROCESSING_VERSION
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, stack_limit
 
 
 def brainmirror(*args: str, timeout: int = 900, stack_mib: int | None = None) -> subprocess.CompletedProcess:
     """``python -m brainmirror ARGS``; ``stack_mib``: its soft stack limit (as ``ulimit -s``), where allowed."""
-    def limit_stack() -> None:
-        _, hard = resource.getrlimit(resource.RLIMIT_STACK)
-        want = stack_mib * 2**20
-        if hard == resource.RLIM_INFINITY or hard >= want:
-            resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
-
     return subprocess.run([sys.executable, "-m", "brainmirror", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=limit_stack if stack_mib else None)
+                          text=True, timeout=timeout, preexec_fn=stack_limit(stack_mib) if stack_mib else None)
 
 
 @pytest.mark.parametrize("command, option", [
