@@ -95,3 +95,18 @@ def test_compare_models_reports_the_difference_per_statistic(ladder):
     assert 0 < row["interval"][0] < row["difference"] < row["interval"][1]
     same = ladder.compare_models([result("shipped", 0.0)] * 2)["shipped"]["study:combined"]
     assert same == {"difference": 0.0, "interval": [0.0, 0.0]}
+
+
+def test_calibrated_rates_count_twins_of_seen_and_unseen_anatomies_and_focal_lesions_above(ladder):
+    def pair(anatomy, diameter, twin, lesion):
+        return {"anatomy": anatomy, "diameter_mm": diameter, "twin": {"study:combined": twin}, "lesion": {"study:combined": lesion}}
+
+    pairs = [pair("mni", 16, 6.0, 9.0), pair("mni", 16, 4.0, 4.5), pair("bert", 12, 5.5, 4.0),
+             pair("bert", 12, 1.0, 7.0), pair("robex", 6, 2.0, 8.0)]  # the 6 mm lesion is not focal
+    rates = ladder.calibrated_rates(pairs, {"combined": 5.0}, ("mni",))["combined"]
+    assert (rates["seen"]["above"], rates["seen"]["n"]) == (1, 2)
+    assert (rates["unseen"]["above"], rates["unseen"]["n"]) == (1, 3)
+    low, high = rates["unseen"]["interval"]
+    assert 0.0 < low < 1 / 3 < high < 1.0  # exact interval around the observed share
+    assert rates["focal_sensitivity"] == 0.5  # 9.0 and 7.0 above; 4.5 and 4.0 not; the 6 mm lesion left out
+    assert ladder.calibrated_rates(pairs, {}, ("mni",)) == {}
