@@ -75,7 +75,9 @@ voxel false-positive rate on healthy twins, as the evaluation protocol sets its 
 
 Several ``--model`` bundles are laddered on the same pairs, one after the other (the pairs are
 made once), and each later one's pooled AUROC is compared with the first's, statistic by
-statistic, with a paired bootstrap 95 % interval of the difference:
+statistic, with a paired bootstrap 95 % interval of the difference; and per map its mean
+per-study voxel AUPRC and Dice (each model at its own healthy 99th percentile), with the same kind
+of interval over the focal lesion studies:
 
     .venv/bin/python scripts/evidence_ladder.py --pairs 3 --output work/ladder.json
     .venv/bin/python scripts/evidence_ladder.py --model models/brainmirror work/candidate
@@ -111,7 +113,7 @@ from brainmirror import cohort, disorders, lesions, preprocess, slicing
 from brainmirror.anatomies import ANATOMIES, TRAINING_ANATOMIES, version_tag
 from brainmirror.cohort import CONTRASTS, make_subject, subject_rng
 from brainmirror.detector import Detector
-from brainmirror.evaluate import bootstrap_ci, paired_auroc_difference, proportion_ci
+from brainmirror.evaluate import bootstrap_ci, dice, paired_auroc_difference, proportion_ci
 from brainmirror.healthy_reference import rebuild
 from brainmirror.slicing import Slices, slice_volume
 from brainmirror.study_statistic import CONFIGURATIONS, study_score
@@ -330,8 +332,30 @@ def compare_models(results: list[dict]) -> dict[str, dict[str, dict]]:
             rows[key] = paired_auroc_difference(labels, first_scores, other_scores)
             lo, hi = rows[key]["interval"]
             print(f"  {key:22s} {rows[key]['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-        differences[str(other["model"])] = rows
+        differences[str(other["model"])] = rows | compare_voxels(first, other)
     return differences
+
+
+def compare_voxels(first: dict, other: dict, n: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per map, the mean per-study voxel AUPRC and Dice (each at its own model's healthy 99th
+    percentile) of ``other`` minus ``first`` over the focal lesion studies, with a paired bootstrap
+    95 % interval (the same studies resampled for both)."""
+    studies = [(p["voxel"], q["voxel"]) for p, q in zip(first["pairs"], other["pairs"]) if "voxel" in p]
+    if not studies:
+        return {}
+    print(f"\nvoxel level, {other['model']} minus {first['model']}: mean per-study AUPRC and Dice "
+          f"(paired bootstrap 95 % interval, {len(studies)} focal lesion studies)")
+    rng, rows = np.random.default_rng(seed), {}
+    for m in MAPS:
+        row = {}
+        for figure in ("ap", "dice"):
+            gain = np.array([b[m][figure] - a[m][figure] for a, b in studies])
+            means = [gain[rng.integers(len(gain), size=len(gain))].mean() for _ in range(n)]
+            row[figure] = {"difference": float(gain.mean()), "interval": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+        rows[f"voxel-{m}"] = row
+        print(f"  {m:10s} AUPRC {row['ap']['difference']:+.3f} [{row['ap']['interval'][0]:+.3f}, {row['ap']['interval'][1]:+.3f}]"
+              f"   Dice {row['dice']['difference']:+.3f} [{row['dice']['interval'][0]:+.3f}, {row['dice']['interval'][1]:+.3f}]")
+    return rows
 
 
 def pooled_scores(pairs: list[dict], key: str) -> np.ndarray:
@@ -384,14 +408,17 @@ def ladder(model: Path, made: list[dict], anatomies: list[str]) -> dict:
 
     focal = [p for p in pairs if p["diameter_mm"] >= FOCAL_MIN_MM]
     focal_raw = [r for r in raw if r["diameter_mm"] >= FOCAL_MIN_MM and r["truth"].any()]
+    for p, r in zip(pairs, raw):
+        if r["diameter_mm"] >= FOCAL_MIN_MM and r["truth"].any():
+            p["voxel"] = {m: {"ap": float(average_precision_score(r["truth"][r["brain"]], r["maps"][0][m][r["brain"]])),
+                              "dice": dice((r["maps"][0][m] > thresholds[m]) & r["brain"], r["truth"])} for m in MAPS}
     voxel = {}
     for m in MAPS:
         scores = np.concatenate([r["maps"][0][m][r["brain"]] for r in focal_raw])
         labels = np.concatenate([r["truth"][r["brain"]] for r in focal_raw])
-        dice = [2 * np.sum((r["maps"][0][m] > thresholds[m]) & r["brain"] & r["truth"])
-                / (np.sum((r["maps"][0][m] > thresholds[m]) & r["brain"]) + np.sum(r["truth"])) for r in focal_raw]
-        voxel[m] = {"auprc": float(average_precision_score(labels, scores)), "dice": float(np.mean(dice)),
-                    "dice_by_kind": {k: float(np.mean([d for d, r in zip(dice, focal_raw) if r["kind"] == k]))
+        dice_by_study = [p["voxel"][m]["dice"] for p in pairs if "voxel" in p]
+        voxel[m] = {"auprc": float(average_precision_score(labels, scores)), "dice": float(np.mean(dice_by_study)),
+                    "dice_by_kind": {k: float(np.mean([d for d, r in zip(dice_by_study, focal_raw) if r["kind"] == k]))
                                      for k in FOCAL_KINDS if any(r["kind"] == k for r in focal_raw)}}
     keys = list(pairs[0]["lesion"])
     print(f"\n{len(pairs)} pairs ({len(focal)} focal >= {FOCAL_MIN_MM:g} mm), model {model}, "
