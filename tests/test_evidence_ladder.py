@@ -97,6 +97,22 @@ def test_compare_models_reports_the_difference_per_statistic(ladder):
     assert same == {"difference": 0.0, "interval": [0.0, 0.0]}
 
 
+def test_compare_voxels_pairs_each_focal_studys_voxel_figures(ladder):
+    rng = np.random.default_rng(3)
+    base = [rng.uniform(0.1, 0.5, size=2) for _ in range(30)]
+
+    def result(name, gain):
+        pairs = [{"voxel": {m: {"ap": float(b[0] + gain * (m == "anomaly")), "dice": float(b[1] + gain * (m == "anomaly"))}
+                            for m in ladder.MAPS}} for b in base] + [{}] * 5  # twins without a lesion carry none
+        return {"model": name, "pairs": pairs}
+
+    rows = ladder.compare_voxels(result("shipped", 0.0), result("candidate", 0.1))
+    assert rows["voxel-anomaly"]["dice"]["interval"] == [pytest.approx(0.1)] * 2  # the same gain in every study
+    assert rows["voxel-flip"]["ap"] == {"difference": 0.0, "interval": [0.0, 0.0]}
+    healthy_only = {"model": "a", "pairs": [{}] * 5}
+    assert ladder.compare_voxels(healthy_only, healthy_only) == {}
+
+
 def test_calibrated_rates_count_twins_of_seen_and_unseen_anatomies_and_focal_lesions_above(ladder):
     def pair(anatomy, diameter, twin, lesion):
         return {"anatomy": anatomy, "diameter_mm": diameter, "twin": {"study:combined": twin}, "lesion": {"study:combined": lesion}}
