@@ -80,7 +80,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, unet_steps: int | N
                             help=f"reconstruction U-Net optimisation steps (default {unet_steps})")
     if restorer_steps is not None:
         parser.add_argument("--restorer-steps", type=int, default=restorer_steps,
-                            help=f"restoration U-Net optimisation steps (default {restorer_steps})")
+                            help=f"restoration U-Net optimisation steps, each on square crops of a pool of "
+                                 f"disordered slices made first (default {restorer_steps})")
         parser.add_argument("--restorer-features", type=_features, default=None, metavar="F0,...,F5",
                             help="restoration U-Net channels per level, six numbers (default 16,16,32,64,128,16; "
                                  "finetune: given, a new restorer is trained from scratch; not given, the base's "
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "statistics on a held-out quarter of them, and write a model bundle. "
                                    "Resumable: rerun the same command to continue from the last checkpoint.")
     _add_data_arguments(p, 48, "healthy studies")
-    _add_training_arguments(p, 3000, 4000, 1500)
+    _add_training_arguments(p, 3000, 13000, 1500)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-baseline", help="train the raw-slice VAE baseline that evaluate compares against",

@@ -443,6 +443,34 @@ def test_batches_made_by_worker_processes_are_the_main_process_batches():
         assert torch.equal(inline(i)[0], make_batch(i)[0]) and torch.equal(ahead(i)[0], make_batch(i)[0])
 
 
+def test_the_restorers_pool_is_made_once_and_half_its_crops_hold_a_disorder(tmp_path):
+    """The restorer trains on crops of a pool of disordered slices with their reconstructions, made
+    once: kept for a resumed run, remade for another; crops of the asked size, half of them centred
+    near a disorder."""
+    from brainmirror.training import _crops, _restorer_pool
+
+    made = []
+
+    def make_batch(i: int) -> tuple[torch.Tensor, ...]:
+        made.append(i)
+        x = torch.from_numpy(np.random.default_rng(i).random((4, 1, 96, 112)).astype(np.float32))
+        weight = torch.zeros_like(x)
+        weight[..., 40:44, 50:54] = 1  # a 4 x 4 pixel disorder
+        return x, x.clone(), weight, torch.ones_like(x)
+
+    reconstructor, cpu, path = Reconstructor((4, 4, 8, 8, 16, 4)).eval(), torch.device("cpu"), tmp_path / "pool.npz"
+    pool = _restorer_pool(make_batch, 3, reconstructor, cpu, path, "a", False)
+    assert pool["x"].shape == pool["r"].shape == (12, 1, 96, 112) and made == [0, 1, 2]
+    assert np.array_equal(_restorer_pool(make_batch, 3, reconstructor, cpu, path, "a", False)["r"], pool["r"])
+    assert made == [0, 1, 2]  # reused
+    _restorer_pool(make_batch, 3, reconstructor, cpu, path, "b", False)
+    assert made == [0, 1, 2, 0, 1, 2]  # another run's pool: remade
+    x, reconstruction, target, weight, brain = _crops(pool, 32, 400, np.random.default_rng(0))
+    assert x.shape == reconstruction.shape == weight.shape == (400, 1, 32, 32)
+    holding = float((weight.flatten(1).amax(1) > 0.5).float().mean())
+    assert 0.5 < holding < 0.85  # every crop centred near the disorder holds it, some of the others too
+
+
 def test_studies_prepared_in_worker_processes_are_those_prepared_here(tmp_path):
     """Uncached virtual-cohort studies are prepared in parallel processes, bit for bit as in this
     one, cached, and read back in source order."""
